@@ -1,0 +1,89 @@
+"""Decoder blocks [start, end) of one model, run by the architecture's own base-model code.
+
+The slice is the architecture's base-model class built with `end - start` blocks (renumbered from 0, so a
+per-slice KV cache is dense) whose input embeddings, position embeddings, embedding norm and final norm are
+removed: the client runs those. Masks, rotary or ALiBi position encodings and sliding windows are built by
+transformers itself, so one code path serves every family the layout probe accepts.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from swarm.models.layout import ModelLayout
+
+
+class ZeroPositionEmbedding(nn.Module):
+    """Stands in for learned position embeddings inside a slice: the client already added them."""
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), device=position_ids.device)
+
+
+class BlockSlice(nn.Module):
+    """Blocks [start, end) of a model; `forward` runs hidden states through them with an optional KV cache."""
+
+    def __init__(self, base_model: PreTrainedModel, layout: ModelLayout, start: int, end: int):
+        super().__init__()
+        self.base_model = base_model
+        self.layout = layout
+        self.start = start
+        self.end = end
+        self._takes_position_ids = "position_ids" in inspect.signature(base_model.forward).parameters
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.base_model.config.hidden_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.base_model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    def new_cache(self) -> DynamicCache:
+        """An empty KV cache for one session of this slice (sliding-window layers keep only their window)."""
+        return DynamicCache(config=self.base_model.config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        cache: DynamicCache | None = None,
+        position: int = 0,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run [batch, seq, hidden] states that start at token `position` through the blocks.
+
+        With a cache, `position` must equal the number of tokens the cache already holds; the new keys and
+        values are appended to it. `attention_mask` is the optional 2-D [batch, position + seq] padding mask.
+        """
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"hidden states must be [batch, seq, {self.hidden_size}], got {list(hidden_states.shape)}"
+            )
+        if cache is not None and cache.get_seq_length() != position:
+            raise ValueError(f"step starts at position {position}, but the cache holds {cache.get_seq_length()} tokens")
+        kwargs = {}
+        if self._takes_position_ids:
+            batch, seq = hidden_states.shape[:2]
+            positions = torch.arange(position, position + seq, device=hidden_states.device)
+            kwargs["position_ids"] = positions.unsqueeze(0).expand(batch, seq)
+        output = self.base_model(
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            **kwargs,
+        )
+        return output.last_hidden_state

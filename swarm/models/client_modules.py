@@ -1,0 +1,46 @@
+"""The parts of a model that stay on the client: embeddings before block 0, final norm and LM head after.
+
+Keeping them local means the swarm sees hidden states only, never token ids or logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from swarm.models.layout import ModelLayout
+
+
+class ClientModules(nn.Module):
+    """Token embeddings (+ learned positions, + embedding norm) and final norm + LM head of one model."""
+
+    def __init__(
+        self,
+        layout: ModelLayout,
+        embeddings: nn.Module,
+        final_norm: nn.Module,
+        lm_head: nn.Module,
+        position_embeddings: nn.Module | None = None,
+        embedding_norm: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.layout = layout
+        self.embeddings = embeddings
+        self.position_embeddings = position_embeddings
+        self.embedding_norm = embedding_norm
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+
+    def embed(self, input_ids: torch.Tensor, position: int = 0) -> torch.Tensor:
+        """Hidden states entering block 0 for tokens that start at `position`."""
+        hidden = self.embeddings(input_ids)
+        if self.position_embeddings is not None:
+            positions = torch.arange(position, position + input_ids.shape[1], device=input_ids.device)
+            hidden = hidden + self.position_embeddings(positions.unsqueeze(0))
+        if self.embedding_norm is not None:
+            hidden = self.embedding_norm(hidden)
+        return hidden
+
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits from the hidden states leaving the last block."""
+        return self.lm_head(self.final_norm(hidden_states))
