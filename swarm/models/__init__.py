@@ -1,11 +1,11 @@
 """Slicing any decoder-only transformers causal LM into runnable block ranges.
 
-  * checkpoint.py     `Checkpoint`: tensor names of a local or cached checkpoint; reads only requested tensors
-  * layout.py         `ModelLayout`, `probe_layout`: where embeddings, blocks, norm and head live; refuses
-                      architectures it cannot place
-  * block_slice.py    `BlockSlice`: blocks [start, end) with a per-session KV cache (`new_cache()`)
-  * client_modules.py `ClientModules`: embeddings before block 0, final norm + LM head after the last block
-  * loading.py        `ModelSource.open`, `load_block_slice`, `load_client_modules`: build them from a checkpoint
+* checkpoint.py     `Checkpoint`: tensor names of a local or cached checkpoint; reads only requested tensors
+* layout.py         `ModelLayout`, `probe_layout`: where embeddings, blocks, norm and head live; refuses
+                    architectures it cannot place
+* block_slice.py    `BlockSlice`: blocks [start, end) with a per-session KV cache (`new_cache()`)
+* client_modules.py `ClientModules`: embeddings before block 0, final norm + LM head after the last block
+* loading.py        `ModelSource.open`, `load_block_slice`, `load_client_modules`: build them from a checkpoint
 """
 
 from swarm.models.block_slice import BlockSlice

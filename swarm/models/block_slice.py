@@ -8,13 +8,15 @@ transformers itself, so one code path serves every family the layout probe accep
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from swarm.models.layout import ModelLayout
+from swarm.errors import BlockRangeError
+from swarm.models.layout import ModelLayout, slice_config
 
 
 class ZeroPositionEmbedding(nn.Module):
@@ -51,6 +53,23 @@ class BlockSlice(nn.Module):
     def device(self) -> torch.device:
         return next(self.base_model.parameters()).device
 
+    def sub_slice(self, start: int, end: int) -> BlockSlice:
+        """Blocks [start, end) of this slice as a slice of their own, sharing this slice's weights."""
+        if (start, end) == (self.start, self.end):
+            return self
+        if not self.start <= start < end <= self.end:
+            raise BlockRangeError(f"blocks {start}:{end} are not within the hosted blocks {self.start}:{self.end}")
+        base = _share_weights(self.base_model)
+        blocks = getattr(base, self.layout.blocks_attr)
+        kept = nn.ModuleList(list(blocks)[start - self.start : end - self.start])
+        for local_index, block in enumerate(kept):
+            for module in block.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = local_index  # a session cache of the sub-slice is dense from 0
+        setattr(base, self.layout.blocks_attr, kept)
+        base.config = slice_config(self.config, start - self.start, end - self.start)
+        return BlockSlice(base, self.layout, start, end)
+
     def new_cache(self) -> DynamicCache:
         """An empty KV cache for one session of this slice (sliding-window layers keep only their window)."""
         return DynamicCache(config=self.base_model.config)
@@ -69,9 +88,7 @@ class BlockSlice(nn.Module):
         values are appended to it. `attention_mask` is the optional 2-D [batch, position + seq] padding mask.
         """
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"hidden states must be [batch, seq, {self.hidden_size}], got {list(hidden_states.shape)}"
-            )
+            raise ValueError(f"hidden states must be [batch, seq, {self.hidden_size}], got {list(hidden_states.shape)}")
         if cache is not None and cache.get_seq_length() != position:
             raise ValueError(f"step starts at position {position}, but the cache holds {cache.get_seq_length()} tokens")
         kwargs = {}
@@ -87,3 +104,12 @@ class BlockSlice(nn.Module):
             **kwargs,
         )
         return output.last_hidden_state
+
+
+def _share_weights(module: nn.Module) -> nn.Module:
+    """A copy of the module tree whose attributes can change independently but whose tensors are shared."""
+    clone = copy.copy(module)
+    clone._modules = {name: None if child is None else _share_weights(child) for name, child in module._modules.items()}
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    return clone

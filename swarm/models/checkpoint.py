@@ -51,7 +51,8 @@ class Checkpoint:
         local = Path(name_or_path).expanduser()
         self._local_dir: Path | None = local if local.is_dir() else None
         if self._local_dir is None and (local.exists() or _looks_like_path(self.name)):
-            raise ModelNotFoundError(f"{self.name} is not a model directory (no such directory)")
+            reason = "a file, not a directory" if local.exists() else "no such directory"
+            raise ModelNotFoundError(f"{self.name} is not a model directory ({reason})")
         self.config_dir = self._resolve_dir()
         self._weight_map = self._read_weight_map()
         self._tensors_read = 0
@@ -132,8 +133,8 @@ class Checkpoint:
     def _fetch(self, filename: str) -> Path:
         if self._local_dir is not None:
             return self._local_dir / filename
-        from huggingface_hub import hf_hub_download
         from huggingface_hub import errors as hub_errors
+        from huggingface_hub import hf_hub_download
 
         try:
             return Path(hf_hub_download(self.name, filename, revision=self.revision))
@@ -153,4 +154,4 @@ class Checkpoint:
 
 def _looks_like_path(name: str) -> bool:
     """A Hugging Face id is 'org/name' or 'name'; anything else is meant as a local path."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)

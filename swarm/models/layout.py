@@ -160,7 +160,9 @@ def load_config(config_dir: str) -> PretrainedConfig:
 
 def _causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(f"{config.model_type} is an encoder-decoder model; blockswarm runs decoder-only LMs")
+        raise UnsupportedModelError(
+            f"{config.model_type} is an encoder-decoder model; blockswarm runs decoder-only LMs"
+        )
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +38,11 @@ class ModelSource:
 
     @classmethod
     def open(
-        cls, name_or_path: str | os.PathLike[str], *, revision: str | None = None, attn_implementation: str | None = None
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        revision: str | None = None,
+        attn_implementation: str | None = None,
     ) -> ModelSource:
         checkpoint = Checkpoint(name_or_path, revision=revision)
         config = prepare_config(load_config(str(checkpoint.config_dir)), attn_implementation)
@@ -46,9 +50,9 @@ class ModelSource:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype:
-    """float32 by default; float16 only on accelerators (CPU kernels for it are missing or slow)."""
+    """ "auto" is bfloat16 on GPUs and float32 elsewhere; float16 only on accelerators (CPU kernels are lacking)."""
     if dtype is None or dtype == "auto":
-        return torch.float32
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -67,8 +71,12 @@ def load_block_slice(
     *,
     dtype: str | torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    on_block_read: Callable[[int], None] | None = None,
 ) -> BlockSlice:
-    """Blocks [start, end) of the model, loaded from only their own tensors."""
+    """Blocks [start, end) of the model, loaded from only their own tensors.
+
+    `on_block_read(block_index)` is called after each block's tensors are read (for progress bars).
+    """
     layout = source.layout
     layout.check_range(start, end)
     dtype = resolve_dtype(dtype, device)
@@ -82,11 +90,16 @@ def load_block_slice(
     if layout.embedding_norm_attr:
         setattr(base, layout.embedding_norm_attr, nn.Identity())
 
-    names: dict[str, str] = {}  # stored checkpoint name -> name in `base`
+    state: dict[str, torch.Tensor] = {}
     for index in range(start, end):
         local_prefix = f"{layout.blocks_attr}.{index - start}."
-        names.update({stored: local_prefix + rest for stored, rest in layout.tensors_under(layout.block_prefix(index)).items()})
-    _materialize(base, _renamed(source.checkpoint.read(names), names), device, init=base)
+        names = {
+            stored: local_prefix + rest for stored, rest in layout.tensors_under(layout.block_prefix(index)).items()
+        }
+        state.update(_renamed(source.checkpoint.read(names), names))
+        if on_block_read is not None:
+            on_block_read(index)
+    _materialize(base, state, device, init=base)
     base.requires_grad_(False)
     return BlockSlice(base.eval(), layout, start, end)
 
@@ -106,11 +119,15 @@ def load_client_modules(
     holder = nn.Module()
     for attr in filter(None, base_attrs):
         holder.add_module(attr, getattr(base, attr))
-        names.update({stored: f"{attr}.{rest}" for stored, rest in layout.tensors_under(layout.base_prefix(attr)).items()})
+        names.update(
+            {stored: f"{attr}.{rest}" for stored, rest in layout.tensors_under(layout.base_prefix(attr)).items()}
+        )
     lm_head = getattr(model, layout.lm_head_attr)
     if not layout.tie_word_embeddings:
         holder.add_module("lm_head", lm_head)
-        names.update({stored: f"lm_head.{rest}" for stored, rest in layout.tensors_under(f"{layout.lm_head_attr}.").items()})
+        names.update(
+            {stored: f"lm_head.{rest}" for stored, rest in layout.tensors_under(f"{layout.lm_head_attr}.").items()}
+        )
     _materialize(holder, _renamed(source.checkpoint.read(names), names), device, init=model)
     if layout.tie_word_embeddings:
         lm_head.to_empty(device=device)
@@ -128,7 +145,9 @@ def load_client_modules(
     ).eval()
 
 
-def _materialize(module: nn.Module, state: dict[str, torch.Tensor], device: torch.device | str, init: nn.Module) -> None:
+def _materialize(
+    module: nn.Module, state: dict[str, torch.Tensor], device: torch.device | str, init: nn.Module
+) -> None:
     """Put `state` into the meta-built `module` on `device` and initialise what the checkpoint does not hold.
 
     Loaded tensors are assigned, not copied, so each is allocated once. The rest (non-persistent buffers such as
@@ -149,7 +168,9 @@ def _materialize(module: nn.Module, state: dict[str, torch.Tensor], device: torc
             for name, tensor in tensors.items():
                 if tensor is not None and tensor.is_meta:
                     empty = torch.empty_like(tensor, device=device)
-                    tensors[name] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+                    tensors[name] = (
+                        nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+                    )
     loaded = dict(module.named_parameters()) | dict(module.named_buffers())
     for name in state:
         loaded[name]._is_hf_initialized = True
