@@ -1,0 +1,105 @@
+"""`swarm-peer MODEL --blocks START:END`: serve a range of a model's blocks to the swarm."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import configargparse
+import torch
+
+from peer.config import PeerConfig, parse_blocks
+from peer.server import run_peer
+from swarm.errors import SwarmError
+from swarm.logs import setup_logging
+
+logger = logging.getLogger("peer")
+
+
+def _default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def build_parser() -> configargparse.ArgumentParser:
+    parser = configargparse.ArgumentParser(
+        prog="swarm-peer",
+        description="Serve a range of a model's decoder blocks to a blockswarm swarm.",
+        auto_env_var_prefix="BLOCKSWARM_",
+        config_file_parser_class=configargparse.YAMLConfigFileParser,
+        formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = PeerConfig(model="", start=0, end=1, new_swarm=True)
+    add = parser.add_argument
+    add("--config", is_config_file=True, help="YAML file with any of these options")
+    add("model", help="model directory or Hugging Face id (loaded through the Hugging Face cache)")
+    add("--blocks", required=True, help="half-open range of blocks to serve, like a Python slice: 0:12")
+    add(
+        "--initial-peers",
+        "--initial_peers",
+        action="append",
+        default=[],
+        help="multiaddr of a swarm member; repeatable",
+    )
+    add("--new-swarm", "--new_swarm", action="store_true", help="start a new swarm instead of joining one")
+    add("--host-maddrs", "--host_maddrs", nargs="+", default=list(defaults.host_maddrs), help="multiaddrs to listen on")
+    add("--announce-maddrs", "--announce_maddrs", nargs="+", default=[], help="multiaddrs others should dial")
+    add("--identity-path", "--identity_path", help="private key file; keeps the peer id across restarts")
+    add("--device", default=_default_device(), help="cpu, cuda, cuda:N or mps")
+    add("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype; auto is bfloat16 on GPUs, float32 on CPU")  # fmt: skip
+    add("--cache-tokens", "--cache_tokens", type=int, default=defaults.cache_tokens,
+        help="KV-cache budget: token positions over all sessions and batch rows")  # fmt: skip
+    add("--max-batch-size", "--max_batch_size", type=int, default=defaults.max_batch_size)
+    add("--inference-max-length", "--inference_max_length", type=int, default=defaults.inference_max_length,
+        help="most tokens one inference session may reach")  # fmt: skip
+    add("--session-idle-timeout", "--session_idle_timeout", type=float, default=defaults.session_idle_timeout,
+        help="seconds an inference session may wait between steps")  # fmt: skip
+    add("--public-name", "--public_name", default="", help="a name shown in swarm status and monitors")
+    add("--model-prefix", "--model_prefix", default="", help="DHT key prefix (default: derived from the model name)")
+    add("--update-period", "--update_period", type=float, default=defaults.update_period,
+        help="seconds between DHT announcements")  # fmt: skip
+    add("--num-threads", "--num_threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add("--revision", default=None, help="model revision on the Hugging Face hub")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        start, end = parse_blocks(args.blocks)
+        config = PeerConfig(
+            model=args.model,
+            start=start,
+            end=end,
+            initial_peers=tuple(args.initial_peers),
+            new_swarm=args.new_swarm,
+            host_maddrs=tuple(args.host_maddrs),
+            announce_maddrs=tuple(args.announce_maddrs),
+            identity_path=args.identity_path,
+            device=args.device,
+            dtype=args.dtype,
+            cache_tokens=args.cache_tokens,
+            max_batch_size=args.max_batch_size,
+            inference_max_length=args.inference_max_length,
+            session_idle_timeout=args.session_idle_timeout,
+            public_name=args.public_name,
+            model_prefix=args.model_prefix,
+            update_period=args.update_period,
+            num_threads=args.num_threads,
+            revision=args.revision,
+        )
+        logger.info("Starting with:\n%s", parser.format_values().rstrip())
+        run_peer(config)
+    except SwarmError as e:
+        logger.error("%s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Keeps this peer's records alive in the DHT: renews them every period, marks them OFFLINE on the way out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hivemind import DHT
+
+from swarm.asyncio_compat import asyncio_timeout
+from swarm.directory import announce_blocks, announce_model
+from swarm.protocol import ModelRecord, ServerInfo
+
+logger = logging.getLogger(__name__)
+
+ANNOUNCE_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class AnnouncerStatistics:
+    successes_total: int
+    failures_total: int
+    last_success_monotonic: float | None
+
+
+class Announcer:
+    """Re-announces `server_info()` under every hosted block key each `update_period` seconds.
+
+    Records expire after `expiration_periods` periods, so a peer that dies silently disappears from routing
+    within that time even though it never said goodbye.
+    """
+
+    def __init__(
+        self,
+        dht: DHT,
+        model_prefix: str,
+        model_record: ModelRecord,
+        server_info: Callable[[], ServerInfo],
+        update_period: float,
+        expiration_periods: float = 3.0,
+    ):
+        self.dht = dht
+        self.peer_id = dht.peer_id.to_base58()
+        self.model_prefix = model_prefix
+        self.model_record = model_record
+        self.server_info = server_info
+        self.update_period = update_period
+        self.expiration = update_period * expiration_periods
+        self._successes = 0
+        self._failures = 0
+        self._last_success: float | None = None
+        self._wakeup = asyncio.Event()
+
+    async def announce_now(self, *, timeout: float = ANNOUNCE_TIMEOUT_SECONDS) -> bool:
+        """Store the current record now. Every record expires later than the one before (hivemind keeps the
+        latest-expiring value), so an OFFLINE record replaces the ONLINE one instead of being refused."""
+        info = self.server_info()
+        try:
+            async with asyncio_timeout(timeout):  # the DHT or its p2pd may already be gone
+                ok = await announce_blocks(self.dht, self.model_prefix, self.peer_id, info, self.expiration)
+                ok &= await announce_model(self.dht, self.model_prefix, self.model_record, self.expiration)
+        except TimeoutError:
+            logger.warning(
+                "The DHT did not answer within %.0f s while announcing blocks %d:%d", timeout, info.start, info.end
+            )
+            ok = False
+        except Exception:
+            logger.exception("Announcing blocks %d:%d failed", info.start, info.end)
+            ok = False
+        if ok:
+            self._successes += 1
+            self._last_success = asyncio.get_running_loop().time()
+        else:
+            self._failures += 1
+            logger.warning("The DHT did not store every record of blocks %d:%d; retrying", info.start, info.end)
+        return ok
+
+    def wake(self) -> None:
+        """Announce at once (for example, after the state changed) instead of at the end of the period."""
+        self._wakeup.set()
+
+    async def run(self, first_delay: float = 0.0) -> None:
+        delay = first_delay
+        while True:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
+            self._wakeup.clear()
+            await self.announce_now()
+            delay = self.update_period
+
+    def statistics(self) -> AnnouncerStatistics:
+        return AnnouncerStatistics(self._successes, self._failures, self._last_success)

@@ -1,0 +1,149 @@
+"""A peer's lifecycle and composition root: join the DHT, load blocks, serve, leave cleanly.
+
+The hivemind DHT is created before the event loop starts (it forks a process that runs `p2pd`) and is always
+shut down on the way out, so no `p2pd` is orphaned, whether the peer stops on SIGTERM, SIGINT or an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+import hivemind
+import torch
+from tqdm import tqdm
+
+import swarm
+from peer.announcer import Announcer
+from peer.config import PeerConfig
+from peer.handler import BlockHandler, HandlerLimits
+from peer.kv_cache import KVCacheBudget
+from peer.runtime import BlockRuntime
+from peer.throughput import measure_decode_throughput
+from swarm.dht import start_dht
+from swarm.logs import short_id
+from swarm.models import ModelSource, load_block_slice, resolve_dtype
+from swarm.protocol import PROTOCOL_VERSION, ModelRecord, PeerInfo, ServerInfo, ServerState, model_prefix_for
+
+logger = logging.getLogger(__name__)
+
+OFFLINE_ANNOUNCE_TIMEOUT_SECONDS = 3.0  # on the way out; if the DHT is already gone, the records simply expire
+
+
+def run_peer(config: PeerConfig) -> None:
+    """Serve until SIGINT or SIGTERM; blocks the calling thread."""
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    source = ModelSource.open(config.model, revision=config.revision)  # fail fast on a bad model or range ...
+    source.layout.check_range(config.start, config.end)
+    dtype = resolve_dtype(config.dtype, config.device)  # ... or dtype, before any process starts
+    dht = start_dht(
+        config.initial_peers,
+        host_maddrs=list(config.host_maddrs),
+        announce_maddrs=list(config.announce_maddrs) or None,
+        identity_path=config.identity_path,
+        client_mode=False,
+    )
+    try:
+        asyncio.run(Peer(config, source, dtype, dht).serve())
+    finally:
+        dht.shutdown()
+
+
+class Peer:
+    """One peer serving blocks [start, end) of one model."""
+
+    def __init__(self, config: PeerConfig, source: ModelSource, dtype: torch.dtype, dht: hivemind.DHT):
+        self.config = config
+        self.source = source
+        self.dtype = dtype
+        self.dht = dht
+        self.model_prefix = config.model_prefix or model_prefix_for(config.model)
+        self.state = ServerState.JOINING
+        self.throughput = 0.0
+        self.budget = KVCacheBudget(config.cache_tokens)
+        self.announcer = Announcer(
+            dht,
+            self.model_prefix,
+            ModelRecord(name=config.model, num_blocks=source.layout.num_blocks),
+            self.server_info,
+            config.update_period,
+        )
+
+    def server_info(self) -> ServerInfo:
+        return ServerInfo(
+            state=self.state,
+            start=self.config.start,
+            end=self.config.end,
+            throughput=self.throughput,
+            cache_tokens_left=self.budget.statistics().tokens_left,
+            dtype=str(self.dtype).removeprefix("torch."),
+            version=swarm.__version__,
+            protocol_version=PROTOCOL_VERSION,
+            public_name=self.config.public_name,
+            inference_max_length=self.config.inference_max_length,
+            max_batch_size=self.config.max_batch_size,
+        )
+
+    def peer_info(self) -> PeerInfo:
+        return PeerInfo(
+            version=swarm.__version__,
+            protocol_version=PROTOCOL_VERSION,
+            model=self.config.model,
+            start=self.config.start,
+            end=self.config.end,
+            dtype=str(self.dtype).removeprefix("torch."),
+            hidden_size=self.source.config.hidden_size,
+            cache_tokens_left=self.budget.statistics().tokens_left,
+            inference_max_length=self.config.inference_max_length,
+            max_batch_size=self.config.max_batch_size,
+        )
+
+    async def serve(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        config = self.config
+        for maddr in self.dht.get_visible_maddrs():
+            logger.info("Peer %s reachable at: --initial-peers %s", short_id(self.dht.peer_id), maddr)
+        await self.announcer.announce_now()  # JOINING: monitors see the peer while it loads
+        block_slice = await asyncio.to_thread(self._load_blocks)
+        self.throughput = await asyncio.to_thread(measure_decode_throughput, block_slice)
+        runtime = BlockRuntime(block_slice)
+        limits = HandlerLimits(config.inference_max_length, config.max_batch_size, config.session_idle_timeout)
+        handler = BlockHandler(runtime, self.budget, limits, self.peer_info, lambda: self.state.routable)
+        p2p = await self.dht.replicate_p2p()
+        await handler.add_p2p_handlers(p2p)
+        self.state = ServerState.ONLINE
+        await self.announcer.announce_now()  # "Serving" below means: routable now
+        announcing = asyncio.create_task(self.announcer.run(first_delay=config.update_period), name="announcer")
+        logger.info(
+            "Serving blocks %d:%d of %s (prefix %s) on %s in %s, %.1f tokens/s",
+            config.start, config.end, config.model, self.model_prefix, config.device,
+            str(self.dtype).removeprefix("torch."), self.throughput,
+        )  # fmt: skip
+        try:
+            await stop.wait()
+        finally:
+            logger.info("Shutting down: announcing blocks %d:%d offline", config.start, config.end)
+            announcing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await announcing
+            self.state = ServerState.OFFLINE
+            await self.announcer.announce_now(timeout=OFFLINE_ANNOUNCE_TIMEOUT_SECONDS)
+            runtime.close()
+
+    def _load_blocks(self):
+        config = self.config
+        with tqdm(
+            total=config.end - config.start, desc=f"Loading blocks {config.start}:{config.end}", unit="block",
+            file=sys.stderr, disable=None,
+        ) as progress:  # fmt: skip
+            return load_block_slice(
+                self.source, config.start, config.end, dtype=self.dtype, device=config.device,
+                on_block_read=lambda _: progress.update(1),
+            )  # fmt: skip

@@ -1,0 +1,176 @@
+"""`AutoDistributedModelForCausalLM`: a transformers causal LM whose decoder blocks run in the swarm.
+
+Embeddings, final norm and LM head are loaded locally (never the blocks). The model is a real `GenerationMixin`
+model, so `generate` with greedy search, sampling, streamers and stopping criteria works unchanged:
+
+  * inside `with model.inference_session(max_length=N):` every forward sends only the tokens the peers have
+    not seen yet, and consecutive `generate` calls continue the same conversation;
+  * `generate` outside a session opens one for the call;
+  * `model(input_ids)` outside a session is a stateless, differentiable forward through the swarm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from swarm.client._sync import run_sync
+from swarm.client.remote_blocks import RemoteBlocks
+from swarm.client.session import InferenceSession
+from swarm.client.swarm_client import SwarmClient
+from swarm.config import ClientConfig
+from swarm.errors import ConfigError
+from swarm.models import ClientModules, ModelSource, load_client_modules
+from swarm.protocol import model_prefix_for
+
+logger = logging.getLogger(__name__)
+
+
+class _Conversation:
+    """An inference session plus the token ids it has been given, so `generate` calls can continue it."""
+
+    def __init__(self, session: InferenceSession):
+        self.session = session
+        self.token_ids: torch.Tensor | None = None  # everything generate has returned so far
+
+
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = PretrainedConfig
+    base_model_prefix = "client_modules"
+    main_input_name = "input_ids"
+    _supports_cache_class = False
+    _supports_sdpa = True  # the client runs no attention itself; any implementation is fine
+
+    def __init__(self, config: PretrainedConfig, client_modules: ClientModules, swarm: SwarmClient):
+        super().__init__(config)
+        self.client_modules = client_modules
+        self.swarm = swarm
+        self._conversation: _Conversation | None = None
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        model_name_or_path: str | os.PathLike[str],
+        *,
+        initial_peers: list[str] | tuple[str, ...],
+        model_prefix: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        revision: str | None = None,
+        config: ClientConfig | None = None,
+    ) -> DistributedModelForCausalLM:
+        """Load the local parts of `model_name_or_path` and connect to the swarm through `initial_peers`."""
+        source = ModelSource.open(model_name_or_path, revision=revision)
+        client_modules = load_client_modules(source, dtype=dtype)
+        prefix = model_prefix or (config.model_prefix if config else "") or model_prefix_for(str(model_name_or_path))
+        config = config or ClientConfig(initial_peers=tuple(initial_peers))
+        swarm = SwarmClient(config, prefix, source.layout.num_blocks)
+        model = cls(source.config, client_modules, swarm)
+        model.generation_config = _generation_config(source)
+        return model.eval()
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.client_modules.embeddings
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.client_modules.lm_head
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int) -> Iterator[InferenceSession]:
+        """Keep the peers' KV caches across forward and `generate` calls, for up to `max_length` tokens."""
+        if self._conversation is not None:
+            raise ConfigError("an inference session is already open on this model")
+        conversation = _Conversation(InferenceSession(self.swarm, max_length))
+        self._conversation = conversation
+        try:
+            yield conversation.session
+        finally:
+            self._conversation = None
+            run_sync(conversation.session.close())
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        conversation = self._conversation
+        if conversation is None:
+            max_length = _max_length_of(inputs, kwargs, self.generation_config)
+            with self.inference_session(max_length=max_length):
+                return self.generate(inputs, *args, **kwargs)
+        if conversation.token_ids is not None:
+            previous = conversation.token_ids
+            inputs = previous if inputs is None else torch.cat([previous, inputs.to(previous.device)], dim=1)
+        if inputs is not None and "attention_mask" not in kwargs:
+            kwargs["attention_mask"] = torch.ones_like(inputs)
+        outputs = super().generate(inputs, *args, **kwargs)
+        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        conversation.token_ids = sequences
+        return outputs
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        # The whole sequence each time: forward itself sends only what the peers have not seen.
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ConfigError("padded batches are not supported yet: give prompts of equal length")
+        conversation = self._conversation
+        if conversation is None:
+            hidden = self.client_modules.embed(input_ids, 0)
+            hidden = RemoteBlocks.apply(hidden, self.swarm)
+            logits = self.client_modules.logits(hidden)
+        else:
+            session = conversation.session
+            new_ids = input_ids[:, session.position :]
+            if new_ids.shape[1] == 0:
+                raise ConfigError("no new tokens: the session has already processed this whole sequence")
+            hidden = self.client_modules.embed(new_ids, session.position)
+            outputs = run_sync(session.step(hidden))
+            logits = self.client_modules.logits(outputs.to(hidden.dtype))
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def close(self) -> None:
+        """Leave the swarm (shuts down this client's DHT process)."""
+        self.swarm.close()
+
+
+class AutoDistributedModelForCausalLM:
+    """Entry point mirroring transformers' Auto classes: `AutoDistributedModelForCausalLM.from_pretrained(...)`."""
+
+    from_pretrained = DistributedModelForCausalLM.from_pretrained
+
+
+def _generation_config(source: ModelSource) -> GenerationConfig:
+    try:
+        return GenerationConfig.from_pretrained(source.checkpoint.config_dir)
+    except OSError:
+        return GenerationConfig.from_model_config(source.config)
+
+
+def _max_length_of(inputs: torch.Tensor | None, kwargs: dict[str, Any], generation_config: GenerationConfig) -> int:
+    prompt_length = 0 if inputs is None else inputs.shape[1]
+    generation = kwargs.get("generation_config") or generation_config
+    if kwargs.get("max_new_tokens") is not None:
+        return prompt_length + kwargs["max_new_tokens"]
+    if kwargs.get("max_length") is not None:
+        return kwargs["max_length"]
+    if generation.max_new_tokens is not None:
+        return prompt_length + generation.max_new_tokens
+    return max(generation.max_length or 0, prompt_length + 1)

@@ -1,0 +1,128 @@
+"""Route choice: a chain of peer spans that covers blocks [start, end), as a pure function of a `SwarmView`.
+
+Shortest path over block boundaries: an edge i -> j through peer p exists when p serves blocks [i, j); it costs
+p's measured round-trip latency, plus its compute time for j - i blocks (from its announced throughput), plus
+a fixed per-hop overhead so shorter chains win ties. Random noise on each peer's cost spreads sessions over
+replicas of similar quality.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+from swarm.directory import RemoteSpan, SwarmView
+from swarm.errors import CacheFullError, MissingBlocksError
+
+HOP_OVERHEAD_SECONDS = 0.002  # serialization + stream bookkeeping per hop, measured on loopback (about 1-2 ms)
+UNKNOWN_LATENCY_SECONDS = 0.05  # for peers not pinged yet: assume a typical WAN round trip
+# Each peer's cost is multiplied by a random factor in [1, 1 + COST_NOISE) per route: replicas whose costs are within
+# 1.5x of each other (one latency probe on a LAN varies that much) share sessions, and a peer at least twice as
+# costly as another is never preferred to it.
+COST_NOISE = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpan:
+    """Blocks [start, end) run by one peer."""
+
+    peer_id: str
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    spans: tuple[RouteSpan, ...]
+
+    @property
+    def start(self) -> int:
+        return self.spans[0].start
+
+    @property
+    def end(self) -> int:
+        return self.spans[-1].end
+
+    def describe(self) -> str:
+        return " => ".join(f"{s.start}:{s.end} via …{s.peer_id[-6:]}" for s in self.spans)
+
+
+def choose_route(
+    view: SwarmView,
+    start: int,
+    end: int,
+    *,
+    latencies: Mapping[str, float] | None = None,
+    banned: Collection[str] = (),
+    min_cache_tokens: int = 0,
+    rng: random.Random | None = None,
+) -> Route:
+    """The cheapest chain of spans over blocks [start, end).
+
+    Raises `CacheFullError` if peers cover the blocks but too few have `min_cache_tokens` free, and
+    `MissingBlocksError` naming the blocks that no usable peer serves.
+    """
+    latencies = latencies or {}
+    rng = rng or random.Random()
+    candidates = [
+        span
+        for span in view.spans
+        if span.info.state.routable
+        and span.peer_id not in banned
+        and span.info.cache_tokens_left >= min_cache_tokens
+        and span.start < end
+        and span.end > start
+    ]
+    noise = {span.peer_id: 1.0 + rng.random() * COST_NOISE for span in candidates}
+    best_cost = {start: 0.0}
+    previous: dict[int, tuple[int, RemoteSpan]] = {}
+    queue = [(0.0, start)]
+    while queue:
+        cost, position = heapq.heappop(queue)
+        if position == end:
+            break
+        if cost > best_cost.get(position, float("inf")):
+            continue
+        for span in candidates:
+            if not span.start <= position < span.end:
+                continue
+            for stop in range(position + 1, min(span.end, end) + 1):
+                step_cost = _hop_cost(span, stop - position, latencies) * noise[span.peer_id]
+                if cost + step_cost < best_cost.get(stop, float("inf")):
+                    best_cost[stop] = cost + step_cost
+                    previous[stop] = (position, span)
+                    heapq.heappush(queue, (cost + step_cost, stop))
+    if end not in best_cost:
+        if min_cache_tokens > 0:
+            without_cache = [s for s in view.spans if s.info.state.routable and s.peer_id not in banned]
+            uncovered_for_cache = set(_uncovered(candidates, start, end)) - set(_uncovered(without_cache, start, end))
+            if uncovered_for_cache:
+                raise CacheFullError(
+                    f"cache full: no peer serving blocks {min(uncovered_for_cache)}:{max(uncovered_for_cache) + 1} "
+                    f"has {min_cache_tokens} tokens of KV cache free; try a smaller max_length or batch, or later"
+                )
+        raise MissingBlocksError(view.model_prefix, _uncovered(candidates, start, end))
+    spans: list[RouteSpan] = []
+    position = end
+    while position != start:
+        from_position, span = previous[position]
+        spans.append(RouteSpan(span.peer_id, from_position, position))
+        position = from_position
+    return Route(tuple(reversed(spans)))
+
+
+def _hop_cost(span: RemoteSpan, num_blocks: int, latencies: Mapping[str, float]) -> float:
+    latency = latencies.get(span.peer_id, UNKNOWN_LATENCY_SECONDS)
+    throughput = span.info.throughput  # tokens/s through all of the peer's blocks
+    compute = num_blocks / (throughput * span.info.length) if throughput > 0 else 0.0
+    return latency + compute + HOP_OVERHEAD_SECONDS
+
+
+def _uncovered(candidates: list[RemoteSpan], start: int, end: int) -> list[int]:
+    return [i for i in range(start, end) if not any(s.start <= i < s.end for s in candidates)]

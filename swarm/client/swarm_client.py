@@ -1,0 +1,128 @@
+"""The client's handle on the swarm for one model: DHT, P2P, peer latencies, bans and route choice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+
+from hivemind.p2p import P2P
+
+from swarm.client._sync import run_sync
+from swarm.client.routing import Route, choose_route
+from swarm.client.transport import call_info
+from swarm.config import ClientConfig
+from swarm.dht import start_dht
+from swarm.directory import SwarmView, read_swarm_view
+from swarm.errors import MissingBlocksError, PeerError
+from swarm.logs import short_id
+
+logger = logging.getLogger(__name__)
+
+LATENCY_MAX_AGE_SECONDS = 300.0  # re-ping a peer after this long
+COVERAGE_POLL_SECONDS = 0.25  # how often to re-read the DHT while waiting for blocks to appear
+
+
+class SwarmClient:
+    """Reads the swarm's records and builds routes; all coroutines run on the client loop."""
+
+    def __init__(self, config: ClientConfig, model_prefix: str, num_blocks: int):
+        self.config = config
+        self.model_prefix = model_prefix
+        self.num_blocks = num_blocks
+        self.dht = start_dht(config.initial_peers, client_mode=True, host_maddrs=list(config.host_maddrs))
+        self._p2p: P2P | None = None
+        self._view: SwarmView | None = None
+        self._view_time = -float("inf")
+        self._latencies: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
+        self._banned_until: dict[str, float] = {}
+        self._rng = random.Random()
+
+    async def p2p(self) -> P2P:
+        if self._p2p is None:
+            self._p2p = await self.dht.replicate_p2p()
+        return self._p2p
+
+    async def view(self, max_age: float | None = None) -> SwarmView:
+        max_age = self.config.view_max_age if max_age is None else max_age
+        if self._view is None or time.monotonic() - self._view_time > max_age:
+            self._view = await read_swarm_view(self.dht, self.model_prefix, self.num_blocks)
+            self._view_time = time.monotonic()
+        return self._view
+
+    def ban(self, peer_id: str, reason: str) -> None:
+        logger.warning(
+            "Leaving peer %s out of routes for %.0f s: %s", short_id(peer_id), self.config.ban_seconds, reason
+        )
+        self._banned_until[peer_id] = time.monotonic() + self.config.ban_seconds
+
+    def banned(self) -> set[str]:
+        now = time.monotonic()
+        return {peer for peer, until in self._banned_until.items() if until > now}
+
+    async def make_route(self, start: int, end: int, *, min_cache_tokens: int = 0) -> Route:
+        """The best route over blocks [start, end) now; waits up to connect_timeout for missing blocks."""
+        deadline = time.monotonic() + self.config.connect_timeout
+        while True:
+            view = await self.view(max_age=0 if self._view is not None else None)
+            await self._measure_latencies(view)
+            try:
+                route = choose_route(
+                    view,
+                    start,
+                    end,
+                    latencies={peer: seconds for peer, (seconds, _) in self._latencies.items()},
+                    banned=self.banned(),
+                    min_cache_tokens=min_cache_tokens,
+                    rng=self._rng,
+                )
+            except MissingBlocksError:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(COVERAGE_POLL_SECONDS)
+                continue
+            logger.info("Route: %s", route.describe())
+            return route
+
+    async def wait_blocks_covered(self, timeout: float) -> SwarmView:
+        """The swarm view once every block has an online peer, or `MissingBlocksError` after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            view = await self.view(max_age=0)
+            missing = view.missing_blocks()
+            if not missing:
+                return view
+            if time.monotonic() >= deadline:
+                raise MissingBlocksError(self.model_prefix, missing)
+            await asyncio.sleep(COVERAGE_POLL_SECONDS)
+
+    def close(self) -> None:
+        """Leave the swarm: stop this client's P2P replica, then its DHT process and p2pd."""
+        if self._p2p is not None:
+            with contextlib.suppress(Exception):
+                run_sync(self._p2p.shutdown(), timeout=5.0)
+            self._p2p = None
+        self.dht.shutdown()
+
+    async def _measure_latencies(self, view: SwarmView) -> None:
+        now = time.monotonic()
+        stale = [
+            span.peer_id
+            for span in view.spans
+            if span.info.state.routable
+            and span.peer_id not in self.banned()
+            and now - self._latencies.get(span.peer_id, (0.0, -float("inf")))[1] > LATENCY_MAX_AGE_SECONDS
+        ]
+        if stale:
+            await asyncio.gather(*(self._ping(peer) for peer in stale))
+
+    async def _ping(self, peer_id: str) -> None:
+        began = time.perf_counter()
+        try:
+            await call_info(await self.p2p(), peer_id, self.config.ping_timeout)
+        except PeerError as e:
+            self.ban(peer_id, str(e))
+            return
+        self._latencies[peer_id] = (time.perf_counter() - began, time.monotonic())

@@ -1,0 +1,192 @@
+"""Calls to one peer over hivemind P2P, with every foreign error translated once into blockswarm's tree.
+
+`map_p2p_errors` turns hivemind's daemon and handler errors, broken connections and timeouts into `PeerError`s
+(ban the peer, route around it); an `ErrorReply` from the peer becomes the matching error (`CacheFullError`,
+`RequestRejected` or `PeerProtocolError`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
+from hivemind.proto import runtime_pb2
+
+from swarm import messages
+from swarm.errors import (
+    CacheFullError,
+    PeerError,
+    PeerProtocolError,
+    PeerTimeout,
+    PeerUnreachable,
+    ProtocolError,
+    RequestRejected,
+)
+from swarm.protocol import (
+    MAX_UNARY_PAYLOAD_BYTES,
+    RPC_BACKWARD,
+    RPC_BACKWARD_STREAM,
+    RPC_FORWARD,
+    RPC_FORWARD_STREAM,
+    RPC_INFERENCE,
+    RPC_INFO,
+    ErrorKind,
+    ErrorReply,
+    InferenceOpen,
+    InferenceStep,
+    PeerInfo,
+    SpanRequest,
+)
+
+
+@contextlib.contextmanager
+def map_p2p_errors(peer_id: str) -> Iterator[None]:
+    try:
+        yield
+    except (PeerError, RequestRejected):
+        raise
+    except (TimeoutError, asyncio.TimeoutError) as e:
+        raise PeerTimeout(peer_id, "did not answer in time") from e
+    except ProtocolError as e:
+        raise PeerProtocolError(peer_id, str(e)) from e
+    except P2PHandlerError as e:
+        raise PeerProtocolError(peer_id, f"handler failed: {e}") from e
+    except (P2PDaemonError, ConnectionError, EOFError, asyncio.IncompleteReadError, StopAsyncIteration) as e:
+        raise PeerUnreachable(peer_id, f"connection failed: {type(e).__name__}: {e}") from e
+
+
+def raise_for_error(peer_id: str, reply: ErrorReply | None) -> None:
+    if reply is None:
+        return
+    if reply.kind is ErrorKind.CACHE_FULL:
+        raise CacheFullError(f"peer …{peer_id[-6:]}: {reply.message}")
+    if reply.kind is ErrorKind.UNAVAILABLE:
+        raise RequestRejected(f"peer …{peer_id[-6:]}: {reply.message}")
+    if reply.kind is ErrorKind.BAD_REQUEST:
+        raise RequestRejected(f"peer …{peer_id[-6:]} refused the request: {reply.message}")
+    raise PeerProtocolError(peer_id, f"failed: {reply.message}")
+
+
+async def call_info(p2p: P2P, peer_id: str, timeout: float) -> PeerInfo:
+    with map_p2p_errors(peer_id):
+        reply = await asyncio.wait_for(
+            p2p.call_protobuf_handler(
+                PeerID.from_base58(peer_id), RPC_INFO, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
+            ),
+            timeout,
+        )
+        metadata = messages.unpack_metadata(reply.metadata)
+        raise_for_error(peer_id, messages.error_of(metadata))
+        return PeerInfo.from_wire(metadata)
+
+
+async def call_forward(p2p: P2P, peer_id: str, span: SpanRequest, hidden: torch.Tensor, timeout: float) -> torch.Tensor:
+    (outputs,) = await _call_span(p2p, peer_id, RPC_FORWARD, RPC_FORWARD_STREAM, span, [hidden], timeout)
+    return outputs
+
+
+async def call_backward(
+    p2p: P2P, peer_id: str, span: SpanRequest, hidden: torch.Tensor, grad_outputs: torch.Tensor, timeout: float
+) -> torch.Tensor:
+    (grad_inputs,) = await _call_span(
+        p2p, peer_id, RPC_BACKWARD, RPC_BACKWARD_STREAM, span, [hidden, grad_outputs], timeout
+    )
+    return grad_inputs
+
+
+async def _call_span(
+    p2p: P2P,
+    peer_id: str,
+    unary_name: str,
+    stream_name: str,
+    span: SpanRequest,
+    tensors: list[torch.Tensor],
+    timeout: float,
+) -> list[torch.Tensor]:
+    """Unary when the payload fits hivemind's cap, a chunked stream otherwise."""
+    with map_p2p_errors(peer_id):
+        peer = PeerID.from_base58(peer_id)
+        if messages.payload_bytes(tensors) <= MAX_UNARY_PAYLOAD_BYTES:
+            reply = await asyncio.wait_for(
+                p2p.call_protobuf_handler(
+                    peer, unary_name, messages.request(tensors, span.to_wire()), runtime_pb2.ExpertResponse
+                ),
+                timeout,
+            )
+            metadata, outputs = messages.unpack_metadata(reply.metadata), messages.tensors_of(reply)
+        else:
+            chunks = messages.to_chunked_messages(runtime_pb2.ExpertRequest, tensors, span.to_wire())
+
+            async def exchange() -> tuple[dict, list[torch.Tensor]]:
+                replies = await p2p.iterate_protobuf_handler(
+                    peer, stream_name, _aiter(chunks), runtime_pb2.ExpertResponse
+                )
+                return await messages.read_chunked_messages(replies)
+
+            metadata, outputs = await asyncio.wait_for(exchange(), timeout)
+        raise_for_error(peer_id, messages.error_of(metadata))
+        if len(outputs) != 1:
+            raise ProtocolError(f"expected one tensor in the reply, got {len(outputs)}")
+        return outputs
+
+
+class InferenceStream:
+    """One open inference session with one peer over blocks [start, end); the peer holds its KV cache."""
+
+    def __init__(self, p2p: P2P, peer_id: str, session_open: InferenceOpen):
+        self.p2p = p2p
+        self.peer_id = peer_id
+        self.session_open = session_open
+        self._requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
+        self._replies: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+
+    async def step(self, hidden: torch.Tensor, position: int, timeout: float) -> torch.Tensor:
+        """Send hidden states that start at `position`; return the blocks' output."""
+        metadata = {**InferenceStep(position).to_wire()}
+        if self._replies is None:
+            metadata["open"] = self.session_open.to_wire()
+        with map_p2p_errors(self.peer_id):
+            self._requests.put_nowait(messages.request([hidden], metadata))
+            if self._replies is None:
+                self._replies = await asyncio.wait_for(
+                    self.p2p.iterate_protobuf_handler(
+                        PeerID.from_base58(self.peer_id),
+                        RPC_INFERENCE,
+                        self._request_stream(),
+                        runtime_pb2.ExpertResponse,
+                    ),
+                    timeout,
+                )
+            reply = await asyncio.wait_for(anext(self._replies), timeout)
+            metadata = messages.unpack_metadata(reply.metadata)
+            raise_for_error(self.peer_id, messages.error_of(metadata))
+            (outputs,) = messages.tensors_of(reply)
+            if outputs.shape[:2] != hidden.shape[:2]:
+                raise ProtocolError(f"reply of shape {list(outputs.shape)} for a step of shape {list(hidden.shape)}")
+            return outputs
+
+    async def close(self) -> None:
+        """End the stream; the peer frees the session's cache."""
+        self._requests.put_nowait(None)
+        if self._replies is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(_drain(self._replies), timeout=5.0)
+        self._replies = None
+
+    async def _request_stream(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        while (request := await self._requests.get()) is not None:
+            yield request
+
+
+async def _aiter(items: list[runtime_pb2.ExpertRequest]) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+    for item in items:
+        yield item
+
+
+async def _drain(replies: AsyncIterator[runtime_pb2.ExpertResponse]) -> None:
+    async for _ in replies:
+        pass

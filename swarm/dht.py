@@ -1,0 +1,31 @@
+"""`start_dht`: a hivemind DHT whose forked process leaves Ctrl-C to its owner.
+
+Ctrl-C in a terminal sends SIGINT to the whole process group. If the DHT process died with its owner, the owner
+could no longer announce itself offline on the way out; so the DHT process ignores SIGINT (the disposition is
+inherited across fork) and the owner shuts it down with `dht.shutdown()`, which also stops its `p2pd`.
+SIGTERM stays deliverable: hivemind's own hard shutdown of a stuck DHT process relies on it.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+import hivemind
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+
+from swarm.errors import ConfigError
+
+_OWNER_SIGNALS = (signal.SIGINT,)
+
+
+def start_dht(initial_peers: Sequence[str], **kwargs: Any) -> hivemind.DHT:
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _OWNER_SIGNALS}
+    try:
+        return hivemind.DHT(initial_peers=list(initial_peers), start=True, **kwargs)
+    except P2PDaemonError as e:
+        raise ConfigError(f"could not join the swarm through --initial-peers {' '.join(initial_peers)}: {e}") from e
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

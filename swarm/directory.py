@@ -1,0 +1,128 @@
+"""Reading and writing the swarm's records in hivemind's DHT, for peers, clients and monitors alike.
+
+hivemind's `DHT` runs in its own process; the coroutines below are shipped to it with `run_coroutine`, so they
+are module-level functions (picklable by reference) and callers await the returned future instead of blocking.
+Malformed records are dropped here, with a debug line, and never reach routing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from hivemind import DHT
+from hivemind.dht.node import DHTNode
+from hivemind.utils import get_dht_time
+
+from swarm.errors import ProtocolError
+from swarm.protocol import MODELS_KEY, ModelRecord, ServerInfo, block_key
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteSpan:
+    """One peer's announced span."""
+
+    peer_id: str  # base58
+    info: ServerInfo
+
+    @property
+    def start(self) -> int:
+        return self.info.start
+
+    @property
+    def end(self) -> int:
+        return self.info.end
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmView:
+    """Every peer's announced span of one model at one moment."""
+
+    model_prefix: str
+    num_blocks: int
+    spans: tuple[RemoteSpan, ...]
+
+    def peers_for_block(self, block_index: int) -> list[RemoteSpan]:
+        return [span for span in self.spans if span.start <= block_index < span.end]
+
+    def missing_blocks(self, routable_only: bool = True) -> list[int]:
+        spans = [s for s in self.spans if s.info.state.routable] if routable_only else list(self.spans)
+        return [i for i in range(self.num_blocks) if not any(s.start <= i < s.end for s in spans)]
+
+
+async def announce_blocks(dht: DHT, model_prefix: str, peer_id: str, info: ServerInfo, expiration: float) -> bool:
+    """Store `info` under every block key of its span, as this peer's subkey. True if every store succeeded."""
+    keys = [block_key(model_prefix, i) for i in range(info.start, info.end)]
+    store = partial(
+        _store_many, keys=keys, subkey=peer_id, value=info.to_wire(), expiration=get_dht_time() + expiration
+    )
+    results = await dht.run_coroutine(store, return_future=True)
+    return all(results.values())
+
+
+async def announce_model(dht: DHT, model_prefix: str, record: ModelRecord, expiration: float) -> bool:
+    store = partial(
+        _store_many,
+        keys=[MODELS_KEY],
+        subkey=model_prefix,
+        value=record.to_wire(),
+        expiration=get_dht_time() + expiration,
+    )
+    results = await dht.run_coroutine(store, return_future=True)
+    return all(results.values())
+
+
+async def read_swarm_view(dht: DHT, model_prefix: str, num_blocks: int) -> SwarmView:
+    """Every live (unexpired) server record of the model's blocks, one span per peer."""
+    keys = [block_key(model_prefix, i) for i in range(num_blocks)]
+    found = await dht.run_coroutine(partial(_get_many, keys=keys), return_future=True)
+    spans: dict[str, ServerInfo] = {}
+    for key in keys:
+        for peer_id, value in found.get(key, {}).items():
+            try:
+                info = ServerInfo.from_wire(value)
+                if info.end > num_blocks:
+                    raise ProtocolError(f"span {info.start}:{info.end} exceeds {num_blocks} blocks")
+            except ProtocolError as e:
+                logger.debug("Dropping malformed record of peer %s under %s: %s", peer_id, key, e)
+                continue
+            spans.setdefault(peer_id, info)
+    return SwarmView(model_prefix, num_blocks, tuple(RemoteSpan(p, i) for p, i in sorted(spans.items())))
+
+
+async def read_models(dht: DHT) -> dict[str, ModelRecord]:
+    """Model prefix -> record, for every model some peer announces."""
+    found = await dht.run_coroutine(partial(_get_many, keys=[MODELS_KEY]), return_future=True)
+    models = {}
+    for prefix, value in found.get(MODELS_KEY, {}).items():
+        try:
+            models[prefix] = ModelRecord.from_wire(value)
+        except ProtocolError as e:
+            logger.debug("Dropping malformed model record %s: %s", prefix, e)
+    return models
+
+
+async def _store_many(
+    _dht: DHT, node: DHTNode, keys: Sequence[str], subkey: str, value: Any, expiration: float
+) -> dict[str, bool]:
+    results = await node.store_many(list(keys), [value] * len(keys), expiration, subkeys=[subkey] * len(keys))
+    return {str(key): bool(ok) for key, ok in results.items()}
+
+
+async def _get_many(_dht: DHT, node: DHTNode, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """key -> {subkey: value} of the latest unexpired entries (plain data, so it crosses the process boundary)."""
+    found = await node.get_many(list(keys), sufficient_expiration_time=float("inf"))
+    now = get_dht_time()
+    result: dict[str, dict[str, Any]] = {}
+    for key, entry in found.items():
+        if entry is None or not isinstance(entry.value, dict):
+            continue
+        result[str(key)] = {
+            str(subkey): item.value for subkey, item in entry.value.items() if item.expiration_time > now
+        }
+    return result

@@ -1,0 +1,105 @@
+"""Encoding of RPC messages, shared by peer and client: tensors plus msgpack metadata in hivemind protobufs.
+
+Small payloads travel as one message; payloads above hivemind's unary cap travel as a stream of chunks
+(`to_chunked_messages` / `read_chunked_messages`), with the metadata in the first chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any, TypeVar
+
+import msgpack
+import torch
+from hivemind.compression import deserialize_tensor_stream
+from hivemind.proto import runtime_pb2
+from hivemind.utils.streaming import split_for_streaming
+
+from swarm.compression import deserialize_tensor, serialize_tensor
+from swarm.errors import ProtocolError
+from swarm.protocol import STREAM_CHUNK_BYTES, ErrorReply
+
+Message = TypeVar("Message", runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse)
+
+
+def pack_metadata(metadata: dict[str, Any]) -> bytes:
+    return msgpack.packb(metadata, use_bin_type=True)
+
+
+def unpack_metadata(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        metadata = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException, TypeError) as e:
+        raise ProtocolError(f"metadata is not valid msgpack: {e}") from e
+    if not isinstance(metadata, dict):
+        raise ProtocolError(f"metadata must be a map, got {type(metadata).__name__}")
+    return metadata
+
+
+def request(tensors: Sequence[torch.Tensor], metadata: dict[str, Any] | None = None) -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(
+        tensors=[serialize_tensor(t) for t in tensors], metadata=pack_metadata(metadata) if metadata else b""
+    )
+
+
+def response(tensors: Sequence[torch.Tensor], metadata: dict[str, Any] | None = None) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(
+        tensors=[serialize_tensor(t) for t in tensors], metadata=pack_metadata(metadata) if metadata else b""
+    )
+
+
+def error_response(error: ErrorReply) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(metadata=pack_metadata({"error": error.to_wire()}))
+
+
+def error_of(metadata: dict[str, Any]) -> ErrorReply | None:
+    """The refusal a reply carries, if any."""
+    return ErrorReply.from_wire(metadata["error"]) if "error" in metadata else None
+
+
+def tensors_of(message: runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse) -> list[torch.Tensor]:
+    try:
+        return [deserialize_tensor(t) for t in message.tensors]
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ProtocolError(f"malformed tensor: {e}") from e
+
+
+def payload_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def to_chunked_messages(
+    message_type: type[Message], tensors: Sequence[torch.Tensor], metadata: dict[str, Any] | None = None
+) -> list[Message]:
+    """Split serialized tensors into chunks of at most STREAM_CHUNK_BYTES; metadata goes in the first message."""
+    messages = [
+        message_type(tensors=[part])
+        for tensor in tensors
+        for part in split_for_streaming(serialize_tensor(tensor), STREAM_CHUNK_BYTES)
+    ]
+    if not messages:
+        messages = [message_type()]
+    if metadata:
+        messages[0].metadata = pack_metadata(metadata)
+    return messages
+
+
+async def read_chunked_messages(
+    messages: AsyncIterator[runtime_pb2.ExpertRequest] | AsyncIterator[runtime_pb2.ExpertResponse],
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Metadata of the first message and the tensors reassembled from all chunks."""
+    raw_metadata: list[bytes] = []
+
+    async def parts() -> AsyncIterator[Iterable[runtime_pb2.Tensor]]:
+        async for message in messages:
+            if not raw_metadata:
+                raw_metadata.append(message.metadata)
+            yield message.tensors
+
+    try:
+        tensors = await deserialize_tensor_stream(parts())
+    except (ValueError, TypeError, RuntimeError, KeyError) as e:
+        raise ProtocolError(f"malformed tensor stream: {e}") from e
+    return unpack_metadata(raw_metadata[0] if raw_metadata else b""), tensors

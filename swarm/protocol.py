@@ -1,0 +1,268 @@
+"""The wire contract between peers, clients and monitors: DHT keys and records, RPC names, request metadata.
+
+DHT layout (hivemind Kademlia, values msgpack-encoded by hivemind):
+  * `{model_prefix}.{block_index}`  subkey = peer id (base58)  -> `ServerInfo.to_wire()`, one per hosted block
+  * `blockswarm.models`            subkey = model prefix       -> `ModelRecord.to_wire()`, one per served model
+
+RPCs (hivemind P2P protobuf handlers; requests are `ExpertRequest`, replies `ExpertResponse`, metadata msgpack):
+  * RPC_INFO        unary            -> `PeerInfo`
+  * RPC_INFERENCE   stream <-> stream  first message `InferenceOpen` + `InferenceStep`, then `InferenceStep`s;
+                                      the peer keeps the session's KV cache until the stream closes
+  * RPC_FORWARD     unary or stream  `SpanRequest`, tensors [hidden]            -> [hidden]
+  * RPC_BACKWARD    unary or stream  `SpanRequest`, tensors [hidden, grad_out]  -> [grad_in]
+A reply that carries `{"error": ErrorReply}` in its metadata is a refusal; the stream ends after it.
+
+`from_wire` ignores unknown keys (newer peers may add fields) and raises `ProtocolError` on missing or ill-typed
+ones; nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, TypeVar
+
+from swarm.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MODELS_KEY = "blockswarm.models"
+
+RPC_INFO = "blockswarm.info"
+RPC_INFERENCE = "blockswarm.inference"
+RPC_FORWARD = "blockswarm.forward"
+RPC_FORWARD_STREAM = "blockswarm.forward_stream"
+RPC_BACKWARD = "blockswarm.backward"
+RPC_BACKWARD_STREAM = "blockswarm.backward_stream"
+
+MAX_UNARY_PAYLOAD_BYTES = 4 * 1024 * 1024 - 64 * 1024  # hivemind's unary cap is 4 MiB; keep room for metadata
+STREAM_CHUNK_BYTES = 2 * 1024 * 1024
+
+
+def block_key(model_prefix: str, block_index: int) -> str:
+    return f"{model_prefix}.{block_index}"
+
+
+def model_prefix_for(model_name: str) -> str:
+    """The DHT prefix of a model: its name's last path part, lower-cased, with '.' (the key separator) replaced.
+
+    'meta-llama/Llama-3.2-1B' -> 'llama-3-2-1b'; '/models/tiny-llama/' -> 'tiny-llama'.
+    """
+    name = model_name.rstrip("/").rsplit("/", 1)[-1].lower()
+    prefix = re.sub(r"[^a-z0-9_-]+", "-", name).strip("-")
+    if not prefix:
+        raise ValueError(f"cannot derive a model prefix from {model_name!r}; pass one explicitly")
+    return prefix
+
+
+class ServerState(str, enum.Enum):
+    JOINING = "joining"  # announced, still loading blocks
+    ONLINE = "online"  # serving
+    DRAINING = "draining"  # leaving: finishes open sessions, accepts no new ones
+    OFFLINE = "offline"  # gone; the record remains until it expires
+
+    @property
+    def routable(self) -> bool:
+        return self is ServerState.ONLINE
+
+
+_T = TypeVar("_T")
+
+
+def _from_wire(cls: type[_T], value: Any, what: str) -> _T:
+    """Build dataclass `cls` from a wire dict: unknown keys ignored, missing or ill-typed ones rejected."""
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} must be a map, got {type(value).__name__}")
+    kwargs = {}
+    for field in fields(cls):  # type: ignore[arg-type]
+        if field.name not in value:
+            if field.default is not MISSING:  # has a default: the field is optional on the wire
+                continue
+            raise ProtocolError(f"{what} lacks field {field.name!r}")
+        kwargs[field.name] = value[field.name]
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(f"invalid {what}: {e}") from e
+
+
+def _check_types(obj: object, **types: type | tuple[type, ...]) -> None:
+    for name, expected in types.items():
+        value = getattr(obj, name)
+        if (isinstance(value, bool) and expected in (int, float, (int, float))) or not isinstance(value, expected):
+            raise ValueError(f"{name} must be {expected}, got {type(value).__name__}")
+
+
+def _check_span(start: int, end: int) -> None:
+    if not 0 <= start < end:
+        raise ValueError(f"span {start}:{end} must satisfy 0 <= start < end")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """What a peer announces for each block it hosts."""
+
+    state: ServerState
+    start: int
+    end: int
+    throughput: float  # tokens per second through the whole hosted span, measured on this peer
+    cache_tokens_left: int
+    dtype: str
+    version: str
+    protocol_version: int = PROTOCOL_VERSION
+    public_name: str = ""
+    inference_max_length: int = 0
+    max_batch_size: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", ServerState(self.state))
+        _check_types(self, start=int, end=int, throughput=(int, float), cache_tokens_left=int, dtype=str, version=str)
+        _check_types(self, protocol_version=int, public_name=str, inference_max_length=int, max_batch_size=int)
+        _check_span(self.start, self.end)
+        if self.throughput < 0 or self.cache_tokens_left < 0:
+            raise ValueError("throughput and cache_tokens_left must be non-negative")
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = asdict(self)
+        wire["state"] = self.state.value
+        return wire
+
+    @classmethod
+    def from_wire(cls, value: Any) -> ServerInfo:
+        return _from_wire(cls, value, "server record")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    """A model the swarm serves, so clients and monitors can discover it."""
+
+    name: str  # what to pass to from_pretrained / swarm-peer
+    num_blocks: int
+
+    def __post_init__(self) -> None:
+        _check_types(self, name=str, num_blocks=int)
+        if self.num_blocks <= 0:
+            raise ValueError("num_blocks must be positive")
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, value: Any) -> ModelRecord:
+        return _from_wire(cls, value, "model record")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """The reply to RPC_INFO."""
+
+    version: str
+    protocol_version: int
+    model: str
+    start: int
+    end: int
+    dtype: str
+    hidden_size: int
+    cache_tokens_left: int
+    inference_max_length: int
+    max_batch_size: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, value: Any) -> PeerInfo:
+        return _from_wire(cls, value, "peer info")
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceOpen:
+    """First message of an inference stream: which blocks, and the KV cache to reserve."""
+
+    start: int
+    end: int
+    max_length: int  # tokens per sequence the session may reach
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        _check_types(self, start=int, end=int, max_length=int, batch_size=int)
+        _check_span(self.start, self.end)
+        if self.max_length <= 0 or self.batch_size <= 0:
+            raise ValueError("max_length and batch_size must be positive")
+
+    @property
+    def cache_tokens(self) -> int:
+        return self.max_length * self.batch_size
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, value: Any) -> InferenceOpen:
+        return _from_wire(cls, value, "inference open")
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceStep:
+    """One step of an inference stream: the hidden states it carries start at token `position`."""
+
+    position: int
+
+    def __post_init__(self) -> None:
+        _check_types(self, position=int)
+        if self.position < 0:
+            raise ValueError("position must be non-negative")
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, value: Any) -> InferenceStep:
+        return _from_wire(cls, value, "inference step")
+
+
+@dataclass(frozen=True, slots=True)
+class SpanRequest:
+    """Metadata of a stateless forward or backward call: which of the peer's blocks to run."""
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        _check_types(self, start=int, end=int)
+        _check_span(self.start, self.end)
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, value: Any) -> SpanRequest:
+        return _from_wire(cls, value, "span request")
+
+
+class ErrorKind(str, enum.Enum):
+    BAD_REQUEST = "bad_request"  # the caller's fault; retrying elsewhere will not help
+    CACHE_FULL = "cache_full"  # this peer has no KV-cache room now; another peer may
+    UNAVAILABLE = "unavailable"  # this peer is draining or overloaded
+    INTERNAL = "internal"  # the peer failed
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    kind: ErrorKind
+    message: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ErrorKind(self.kind))
+        _check_types(self, message=str)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "message": self.message}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> ErrorReply:
+        return _from_wire(cls, value, "error reply")

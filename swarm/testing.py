@@ -1,0 +1,91 @@
+"""`LocalSwarm`: a bootstrap node and peers on 127.0.0.1 as real subprocesses, for tests, the demo and benchmarks.
+
+Every process runs in its own process group and is stopped by PID on `close()` (SIGTERM, then SIGKILL),
+so no `p2pd` outlives the swarm.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from swarm.process import SwarmProcess
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+INITIAL_PEERS_LINE = r"^--initial-peers (/ip4/127\.0\.0\.1/\S+)$"
+SERVING_LINE = r"Serving blocks (\d+):(\d+)"
+
+
+class LocalSwarm:
+    """`swarm-dht` plus one `swarm-peer` per span, all on loopback."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        spans: Sequence[tuple[int, int]],
+        *,
+        num_threads: int = 1,
+        update_period: float = 2.0,
+        peer_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        start_timeout: float = 180.0,
+    ):
+        self.model = str(model)
+        self.num_threads = num_threads
+        self.update_period = update_period
+        self.peer_args = list(peer_args)
+        self.env = {"OMP_NUM_THREADS": str(num_threads), "MKL_NUM_THREADS": str(num_threads), **(env or {})}
+        self.start_timeout = start_timeout
+        self.bootstrap: SwarmProcess | None = None
+        self.peers: list[SwarmProcess] = []
+        self.initial_peers: list[str] = []
+        self._spans = list(spans)
+
+    def start(self) -> LocalSwarm:
+        try:
+            self.bootstrap = SwarmProcess(
+                [sys.executable, "-m", "dht_bootstrap", "--host-maddrs", LOOPBACK], env=self.env, name="swarm-dht"
+            )
+            match = self.bootstrap.wait_for_line(INITIAL_PEERS_LINE, self.start_timeout, stream="stdout")
+            self.initial_peers = [match.group(1)]
+            started = [self.add_peer(start, end, wait=False) for start, end in self._spans]
+            for peer in started:
+                peer.wait_for_line(SERVING_LINE, self.start_timeout)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def add_peer(self, start: int, end: int, *extra_args: str, wait: bool = True) -> SwarmProcess:
+        """Start one more peer serving blocks [start, end); with `wait`, return once it serves."""
+        args = [
+            sys.executable, "-m", "peer", self.model, "--blocks", f"{start}:{end}",
+            "--initial-peers", *self.initial_peers, "--host-maddrs", LOOPBACK,
+            "--num-threads", str(self.num_threads), "--update-period", str(self.update_period),
+            *self.peer_args, *extra_args,
+        ]  # fmt: skip
+        peer = SwarmProcess(args, env=self.env, name=f"swarm-peer[{start}:{end}]")
+        self.peers.append(peer)
+        if wait:
+            peer.wait_for_line(SERVING_LINE, self.start_timeout)
+        return peer
+
+    def close(self) -> None:
+        """Stop every peer, then the bootstrap node; each by PID, escalating to SIGKILL of its group."""
+        for process in [*self.peers, *([self.bootstrap] if self.bootstrap else [])]:
+            process.terminate()
+
+    def __enter__(self) -> LocalSwarm:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def model_dir_name(model: str | os.PathLike[str]) -> str:
+    return Path(model).name

@@ -1,0 +1,121 @@
+"""`swarm-dht` as users run it: a real subprocess on 127.0.0.1, joined by real hivemind DHTs."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import hivemind
+import pytest
+from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
+
+from swarm.process import ProcessInfo, SwarmProcess, descendants
+
+SWARM_DHT = Path(sys.executable).parent / "swarm-dht"
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+INITIAL_PEERS_LINE = r"^--initial-peers (/ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+))$"
+START_TIMEOUT = 60.0  # importing torch and hivemind on a busy 2-core machine takes a while
+STOP_TIMEOUT = 15.0  # dht.shutdown() waits up to 3 s for the DHT process, then terminates it
+
+pytestmark = pytest.mark.slow
+
+StartBootstrap = Callable[..., SwarmProcess]
+
+
+@pytest.fixture
+def start_bootstrap() -> Iterator[StartBootstrap]:
+    """Starts `swarm-dht` on loopback with extra flags; kills each process group by pid at teardown."""
+    started: list[SwarmProcess] = []
+
+    def start(*flags: str) -> SwarmProcess:
+        process = SwarmProcess([SWARM_DHT, "--host-maddrs", LOOPBACK, *flags], env={"OMP_NUM_THREADS": "1"})
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.kill()
+
+
+def wait_for_initial_peer(process: SwarmProcess) -> tuple[str, str]:
+    """The multiaddr and peer id from the `--initial-peers` line on its stdout."""
+    match = process.wait_for_line(INITIAL_PEERS_LINE, timeout=START_TIMEOUT, stream="stdout")
+    return match.group(1), match.group(2)
+
+
+def wait_until_gone(processes: list[ProcessInfo], timeout: float) -> list[ProcessInfo]:
+    """Waits until none of `processes` runs any more; returns those still running at the deadline."""
+    deadline = time.monotonic() + timeout
+    while (running := [info for info in processes if info.is_running()]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return running
+
+
+def test_initial_peers_line_lets_dhts_store_and_get_through_it(start_bootstrap: StartBootstrap) -> None:
+    maddr, _ = wait_for_initial_peer(start_bootstrap())
+
+    clients: list[hivemind.DHT] = []
+    try:
+        for _ in range(2):
+            clients.append(hivemind.DHT(initial_peers=[maddr], client_mode=True, host_maddrs=[LOOPBACK], start=True))
+        writer, reader = clients
+        assert writer.store("bootstrap-test", "hello", expiration_time=get_dht_time() + 60)
+        # The clients serve nothing, so the value can only come back from the bootstrap node.
+        found = reader.get("bootstrap-test", latest=True)
+        assert found is not None and found.value == "hello"
+    finally:
+        for client in clients:
+            client.shutdown()
+
+
+def test_identity_file_is_created_and_keeps_the_peer_id(start_bootstrap: StartBootstrap, tmp_path: Path) -> None:
+    identity = tmp_path / "keys" / "bootstrap.id"  # the folder does not exist yet either
+
+    first = start_bootstrap("--identity-path", str(identity))
+    _, first_peer_id = wait_for_initial_peer(first)
+    assert identity.is_file()
+    assert PeerID.from_identity(identity.read_bytes()).to_base58() == first_peer_id
+    assert first.terminate(STOP_TIMEOUT) == 0
+
+    second = start_bootstrap("--identity_path", str(identity))  # the underscore alias works too
+    _, second_peer_id = wait_for_initial_peer(second)
+    assert second_peer_id == first_peer_id
+
+
+def test_port_in_use_fails_the_start(start_bootstrap: StartBootstrap) -> None:
+    """p2pd would share a taken port through SO_REUSEPORT; swarm-dht turns that off so the address stays unique."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    maddr = f"/ip4/127.0.0.1/tcp/{port}"
+    wait_for_initial_peer(start_bootstrap("--host-maddrs", maddr))
+
+    second = start_bootstrap("--host-maddrs", maddr)
+    assert second.wait(START_TIMEOUT) == 1
+    assert "address already in use" in second.output("stderr")
+    assert second.lines("stdout") == []
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("target", ["process", "group"])
+def test_signal_shuts_down_cleanly(start_bootstrap: StartBootstrap, signal_number: int, target: str) -> None:
+    """`kill PID` or a signal to the whole group (Ctrl-C, service managers): exit 0 and leave no p2pd behind."""
+    process = start_bootstrap()
+    wait_for_initial_peer(process)
+    tree = descendants(process.pid)
+    assert any(info.name == "p2pd" for info in tree), f"expected a p2pd below swarm-dht, found {tree}"
+
+    if target == "process":
+        process.send_signal(signal_number)
+    else:
+        process.signal_group(signal_number)
+    assert process.wait(STOP_TIMEOUT) == 0, process.output()
+    assert wait_until_gone(tree, timeout=5.0) == []
+    assert "shutting down" in process.output("stderr")

@@ -1,0 +1,102 @@
+"""A real swarm on 127.0.0.1: generation and logits through peers equal the same model run locally."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from swarm import DistributedModelForCausalLM
+from tests.model_factory import FIRST_ORDINARY_TOKEN, VOCAB_SIZE
+
+pytestmark = pytest.mark.slow
+
+LOGITS_ATOL = 1e-4  # float32 through the swarm vs local; measured differences are ~1e-6
+# (family, blocks, spans at uneven boundaries over 2-3 peers)
+SWARMS = {
+    "llama": (6, [(0, 2), (2, 6)]),
+    "qwen2": (6, [(0, 3), (3, 4), (4, 6)]),  # mixes full and sliding-window layers
+    "gpt2": (5, [(0, 4), (1, 5)]),  # overlapping spans: routes use part of a peer's span
+}
+
+
+@pytest.fixture(scope="module", params=list(SWARMS))
+def swarm_and_local(request, make_swarm, connect, tiny_model_dir):
+    family = request.param
+    num_layers, spans = SWARMS[family]
+    model_dir = tiny_model_dir(family, num_layers)
+    local_swarm = make_swarm(model_dir, spans)
+    distributed = connect(model_dir, local_swarm)
+    local = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return distributed, local
+
+
+def _prompts(batch: int, length: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(FIRST_ORDINARY_TOKEN, VOCAB_SIZE, (batch, length), generator=generator)
+
+
+def test_generate_matches_local_greedy(swarm_and_local: tuple[DistributedModelForCausalLM, torch.nn.Module]) -> None:
+    distributed, local = swarm_and_local
+    prompts = _prompts(batch=2, length=7, seed=0)
+    expected = local.generate(prompts, max_new_tokens=24, do_sample=False, eos_token_id=None)
+    assert torch.equal(distributed.generate(prompts, max_new_tokens=24, do_sample=False, eos_token_id=None), expected)
+
+
+def test_forward_logits_match_local(swarm_and_local: tuple[DistributedModelForCausalLM, torch.nn.Module]) -> None:
+    distributed, local = swarm_and_local
+    tokens = _prompts(batch=2, length=11, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(distributed(tokens).logits, local(tokens).logits, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_sampling_with_seed_matches_local(swarm_and_local: tuple[DistributedModelForCausalLM, torch.nn.Module]) -> None:
+    distributed, local = swarm_and_local
+    prompts = _prompts(batch=1, length=5, seed=2)
+    options = dict(max_new_tokens=16, do_sample=True, temperature=0.8, top_k=50, top_p=0.95, eos_token_id=None)
+    torch.manual_seed(1234)
+    expected = local.generate(prompts, **options)
+    torch.manual_seed(1234)
+    assert torch.equal(distributed.generate(prompts, **options), expected)
+
+
+def test_chat_in_one_session_matches_local(
+    swarm_and_local: tuple[DistributedModelForCausalLM, torch.nn.Module],
+) -> None:
+    distributed, local = swarm_and_local
+    first_turn, second_turn = _prompts(batch=1, length=6, seed=3), _prompts(batch=1, length=3, seed=4)
+    options = dict(max_new_tokens=8, do_sample=False, eos_token_id=None)
+    with distributed.inference_session(max_length=64) as session:
+        first = distributed.generate(first_turn, **options)
+        sent_after_first = session.position
+        second = distributed.generate(second_turn, **options)
+    expected_first = local.generate(first_turn, **options)
+    expected_second = local.generate(torch.cat([expected_first, second_turn], dim=1), **options)
+    assert torch.equal(first, expected_first)
+    assert torch.equal(second, expected_second)
+    # the second turn sent only the new tokens (plus the last generated one), not the whole conversation again
+    assert session.position - sent_after_first == second.shape[1] - 1 - sent_after_first
+
+
+def test_generate_stops_at_eos(swarm_and_local: tuple[DistributedModelForCausalLM, torch.nn.Module]) -> None:
+    distributed, local = swarm_and_local
+    prompts = _prompts(batch=1, length=6, seed=5)
+    greedy = local.generate(prompts, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    generated = greedy[0, prompts.shape[1] :].tolist()
+    eos = generated[3]  # make the 4th generated token mark the end of the text
+    stop_length = prompts.shape[1] + generated.index(eos) + 1  # where that token first appears
+    expected = local.generate(prompts, max_new_tokens=12, do_sample=False, eos_token_id=eos)
+    result = distributed.generate(prompts, max_new_tokens=12, do_sample=False, eos_token_id=eos)
+    assert torch.equal(result, expected)
+    assert result.shape[1] == stop_length < greedy.shape[1]
+    assert int(result[0, -1]) == eos
+
+
+def test_model_dir_holds_no_blocks_on_the_client(
+    swarm_and_local: tuple[DistributedModelForCausalLM, torch.nn.Module],
+) -> None:
+    distributed, local = swarm_and_local
+    client_parameters = sum(p.numel() for p in distributed.parameters())
+    block_parameters = sum(p.numel() for name, p in local.named_parameters() if ".h." in name or ".layers." in name)
+    assert client_parameters < sum(p.numel() for p in local.parameters()) - block_parameters + 1
+    assert not any(".h." in name or ".layers." in name for name, _ in distributed.named_parameters())
