@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from swarm.client._sync import run_sync
-from swarm.errors import CacheFullError
+from swarm.client.transport import call_forward
+from swarm.errors import CacheFullError, RequestRejected
 from swarm.process import descendants
-from swarm.protocol import ServerState
+from swarm.protocol import ServerState, SpanRequest
 from tests.model_factory import FIRST_ORDINARY_TOKEN, VOCAB_SIZE
 
 pytestmark = pytest.mark.slow
@@ -76,3 +77,30 @@ def test_sigterm_announces_offline_and_leaves_no_process(make_swarm, connect, ti
     assert ServerState.ONLINE in states.values()
     result = distributed.generate(_prompt(4), max_new_tokens=3, do_sample=False)  # routes around it
     assert result.shape[1] == 7
+
+
+def test_bad_requests_get_clear_errors_and_the_peer_keeps_serving(make_swarm, connect, tiny_model_dir) -> None:
+    model_dir = tiny_model_dir("llama", 4)
+    local_swarm = make_swarm(model_dir, [(0, 4)], peer_args=["--inference-max-length", "64"])
+    distributed = connect(model_dir, local_swarm)
+    swarm = distributed.swarm
+    peer_id = run_sync(swarm.wait_blocks_covered(timeout=30)).spans[0].peer_id
+    p2p = run_sync(swarm.p2p())
+    hidden = torch.zeros(1, 3, 64)
+
+    def forward(span: SpanRequest, tensor: torch.Tensor) -> torch.Tensor:
+        return run_sync(call_forward(p2p, peer_id, span, tensor, timeout=30))
+
+    with pytest.raises(RequestRejected, match=r"hidden states must be \[batch, seq, 64\]"):
+        forward(SpanRequest(0, 4), torch.zeros(1, 3, 7))
+    with pytest.raises(RequestRejected, match="not served here; this peer hosts 0:4"):
+        forward(SpanRequest(2, 9), hidden)
+    with pytest.raises(RequestRejected, match="floating point"):
+        forward(SpanRequest(0, 4), torch.zeros(1, 3, 64, dtype=torch.int64))
+    with pytest.raises(RequestRejected, match="exceed this peer's limit of 64"):
+        forward(SpanRequest(0, 4), torch.zeros(1, 65, 64))
+    with pytest.raises(RequestRejected, match="max_length 100 exceeds"):
+        distributed.generate(_prompt(4), max_new_tokens=96, do_sample=False)
+
+    assert forward(SpanRequest(1, 3), hidden).shape == hidden.shape  # still serving, sub-spans too
+    assert distributed.generate(_prompt(4), max_new_tokens=3, do_sample=False).shape[1] == 7

@@ -1,0 +1,114 @@
+"""Decode speed and time to first token through a 2-peer loopback swarm, against local generate of the same model.
+
+    .venv/bin/python examples/benchmark_inference.py [--new-tokens 64] [--repeats 5] [--json results.json]
+
+Both sides run in the same invocation on the same machine: a seeded random Llama with the shape of the reference
+measurement (hidden 512, 8 layers, ~58M parameters) is saved, split over two `swarm-peer` processes
+(blocks 0:4 and 4:8, one torch thread each) behind a `swarm-dht` node on 127.0.0.1, and compared with
+`AutoModelForCausalLM.generate` in this process. Greedy decoding with a fixed number of new tokens; medians over
+repeats. Decode rate = (N - 1) / (time for N tokens - time for 1 token), so it excludes the prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from swarm import AutoDistributedModelForCausalLM
+from swarm.testing import LocalSwarm
+
+REFERENCE_RATIO = 0.55  # decode tokens/s through 2 servers / local, measured for an established system of this kind
+
+
+def make_model(path: Path) -> None:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "llama", vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=8, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+
+
+def time_generate(generate: Callable[[int], torch.Tensor], new_tokens: int, repeats: int) -> dict[str, float]:
+    """Median seconds for 1 token and for `new_tokens` tokens; returns TTFT and decode tokens/s."""
+    generate(new_tokens)  # warm-up: first-call allocations, route discovery, peer pings
+    first, full = [], []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        generate(1)
+        first.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        generate(new_tokens)
+        full.append(time.perf_counter() - began)
+    ttft, total = statistics.median(first), statistics.median(full)
+    return {"ttft_s": ttft, "total_s": total, "decode_tokens_per_s": (new_tokens - 1) / max(total - ttft, 1e-9)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of this process (client and local)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = Path(scratch) / "bench-llama-58m"
+        make_model(model_dir)
+        prompt = torch.randint(3, 32000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+        options = dict(do_sample=False, eos_token_id=None)
+
+        local = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        parameters = sum(p.numel() for p in local.parameters())
+        with torch.inference_mode():
+            local_result = time_generate(
+                lambda n: local.generate(prompt, max_new_tokens=n, min_new_tokens=n, **options), args.new_tokens,
+                args.repeats,
+            )  # fmt: skip
+            expected = local.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **options)
+
+        with LocalSwarm(model_dir, [(0, 4), (4, 8)], num_threads=1) as local_swarm:
+            distributed = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=local_swarm.initial_peers)
+            try:
+                swarm_result = time_generate(
+                    lambda n: distributed.generate(prompt, max_new_tokens=n, min_new_tokens=n, **options),
+                    args.new_tokens, args.repeats,
+                )  # fmt: skip
+                tokens = distributed.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **options)
+            finally:
+                distributed.close()
+
+    results = {
+        "model": f"llama hidden 512, 8 layers, {parameters / 1e6:.0f}M parameters, float32",
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "local": local_result,
+        "swarm_2_peers": swarm_result,
+        "decode_ratio": swarm_result["decode_tokens_per_s"] / local_result["decode_tokens_per_s"],
+        "ttft_ratio": swarm_result["ttft_s"] / local_result["ttft_s"],
+        "tokens_equal_local": bool(torch.equal(tokens, expected)),
+    }
+    print(f"model: {results['model']}, prompt {args.prompt_tokens} tokens, {args.new_tokens} new, median of {args.repeats}")
+    print(f"{'':24}{'decode tokens/s':>18}{'time to first token':>22}")
+    for name, row in [("local generate", local_result), ("swarm, 2 peers", swarm_result)]:
+        print(f"{name:24}{row['decode_tokens_per_s']:>18.1f}{row['ttft_s'] * 1000:>19.1f} ms")
+    print(f"{'swarm / local':24}{results['decode_ratio']:>17.2f}x{results['ttft_ratio']:>21.2f}x")
+    print(f"reference system, 2 servers / local decode: {REFERENCE_RATIO:.2f}x")
+    print(f"swarm tokens equal local tokens: {results['tokens_equal_local']}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
