@@ -5,7 +5,7 @@ stdout carries only those lines, one per visible multiaddr, so scripts and tests
     --initial-peers /ip4/127.0.0.1/tcp/31337/p2p/QmXyz...
 
 Logs go to stderr. SIGINT and SIGTERM shut the DHT down, so that its forked process and that process's p2pd are
-gone before we exit 0.
+gone before we exit 0. Exit code 1: the DHT could not start, or its process died; 2: unusable settings.
 
 p2pd binds its ports with SO_REUSEPORT, so a second node on a taken port would start and quietly get half of the
 incoming connections. The bootstrap address must be unambiguous, so we turn that off (LIBP2P_TCP_REUSEPORT=false,

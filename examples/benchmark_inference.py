@@ -78,13 +78,16 @@ def main() -> None:
             expected = local.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **options)
 
         with LocalSwarm(model_dir, [(0, 4), (4, 8)], num_threads=1) as local_swarm:
-            distributed = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=local_swarm.initial_peers)
+            initial_peers = local_swarm.initial_peers
+            distributed = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=initial_peers)
             try:
                 swarm_result = time_generate(
                     lambda n: distributed.generate(prompt, max_new_tokens=n, min_new_tokens=n, **options),
                     args.new_tokens, args.repeats,
                 )  # fmt: skip
-                tokens = distributed.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **options)
+                tokens = distributed.generate(
+                    prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **options
+                )
             finally:
                 distributed.close()
 
@@ -99,7 +102,8 @@ def main() -> None:
         "ttft_ratio": swarm_result["ttft_s"] / local_result["ttft_s"],
         "tokens_equal_local": bool(torch.equal(tokens, expected)),
     }
-    print(f"model: {results['model']}, prompt {args.prompt_tokens} tokens, {args.new_tokens} new, median of {args.repeats}")
+    print(f"model: {results['model']}")
+    print(f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, median of {args.repeats} runs")
     print(f"{'':24}{'decode tokens/s':>18}{'time to first token':>22}")
     for name, row in [("local generate", local_result), ("swarm, 2 peers", swarm_result)]:
         print(f"{name:24}{row['decode_tokens_per_s']:>18.1f}{row['ttft_s'] * 1000:>19.1f} ms")

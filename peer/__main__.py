@@ -62,6 +62,8 @@ def build_parser() -> configargparse.ArgumentParser:
     add("--model-prefix", "--model_prefix", default="", help="DHT key prefix (default: derived from the model name)")
     add("--update-period", "--update_period", type=float, default=defaults.update_period,
         help="seconds between DHT announcements")  # fmt: skip
+    add("--drain-timeout", "--drain_timeout", type=float, default=defaults.drain_timeout,
+        help="on SIGTERM, seconds open sessions may finish before the peer leaves (0: leave at once)")  # fmt: skip
     add("--num-threads", "--num_threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add("--revision", default=None, help="model revision on the Hugging Face hub")
     return parser
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             public_name=args.public_name,
             model_prefix=args.model_prefix,
             update_period=args.update_period,
+            drain_timeout=args.drain_timeout,
             num_threads=args.num_threads,
             revision=args.revision,
         )

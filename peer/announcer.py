@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -82,6 +83,8 @@ class Announcer:
         self._wakeup.set()
 
     async def run(self, first_delay: float = 0.0) -> None:
+        """Announce every `update_period` seconds, counted from the start of each round: a slow DHT round (an
+        unresponsive node stalls stores) must not stretch the period past the records' lifetime."""
         delay = first_delay
         while True:
             try:
@@ -89,8 +92,9 @@ class Announcer:
             except asyncio.TimeoutError:
                 pass
             self._wakeup.clear()
+            began = time.monotonic()
             await self.announce_now()
-            delay = self.update_period
+            delay = max(0.0, self.update_period - (time.monotonic() - began))
 
     def statistics(self) -> AnnouncerStatistics:
         return AnnouncerStatistics(self._successes, self._failures, self._last_success)

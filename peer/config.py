@@ -26,6 +26,7 @@ class PeerConfig:
     public_name: str = ""
     model_prefix: str = ""  # DHT key prefix; derived from the model name when empty
     update_period: float = 30.0  # seconds between DHT announcements; records live 3 periods
+    drain_timeout: float = 30.0  # seconds open sessions may finish after SIGTERM before the peer leaves
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
     revision: str | None = None
 
@@ -39,6 +40,8 @@ class PeerConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if self.update_period <= 0 or self.session_idle_timeout <= 0:
             raise ConfigError("--update-period and --session-idle-timeout must be positive")
+        if self.drain_timeout < 0:
+            raise ConfigError("--drain-timeout must not be negative")
 
 
 def parse_blocks(text: str) -> tuple[int, int]:

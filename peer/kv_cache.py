@@ -7,6 +7,7 @@ that does not fit is refused up front with `CacheFullError` instead of running t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ class KVCacheBudget:
         self._open = 0
         self._total = 0
         self._rejections = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @contextlib.contextmanager
     def reserve(self, tokens: int) -> Iterator[None]:
@@ -51,11 +54,18 @@ class KVCacheBudget:
         self._used += tokens
         self._open += 1
         self._total += 1
+        self._idle.clear()
         try:
             yield
         finally:
             self._used -= tokens
             self._open -= 1
+            if self._open == 0:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no session holds a reservation."""
+        await self._idle.wait()
 
     def statistics(self) -> KVCacheStatistics:
         return KVCacheStatistics(self.tokens_limit, self._used, self._open, self._total, self._rejections)

@@ -103,10 +103,14 @@ class Peer:
         )
 
     async def serve(self) -> None:
-        stop = asyncio.Event()
+        stop, hurry = asyncio.Event(), asyncio.Event()  # first signal: drain and leave; second: leave now
+
+        def on_signal() -> None:
+            (hurry if stop.is_set() else stop).set()
+
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal)
         config = self.config
         for maddr in self.dht.get_visible_maddrs():
             logger.info("Peer %s reachable at: --initial-peers %s", short_id(self.dht.peer_id), maddr)
@@ -128,6 +132,7 @@ class Peer:
         )  # fmt: skip
         try:
             await stop.wait()
+            await self._drain(hurry)
         finally:
             logger.info("Shutting down: announcing blocks %d:%d offline", config.start, config.end)
             announcing.cancel()
@@ -136,6 +141,28 @@ class Peer:
             self.state = ServerState.OFFLINE
             await self.announcer.announce_now(timeout=OFFLINE_ANNOUNCE_TIMEOUT_SECONDS)
             runtime.close()
+
+    async def _drain(self, hurry: asyncio.Event) -> None:
+        """Leave gracefully: announce DRAINING so routes avoid this peer, refuse new sessions, and let open ones
+        finish for up to --drain-timeout seconds (a second signal ends the wait)."""
+        open_sessions = self.budget.statistics().sessions_open
+        if open_sessions == 0 or self.config.drain_timeout <= 0:
+            return
+        self.state = ServerState.DRAINING
+        await self.announcer.announce_now()
+        logger.info(
+            "Draining: %d open session(s) may finish within %.0f s; no new sessions (signal again to leave now)",
+            open_sessions, self.config.drain_timeout,
+        )  # fmt: skip
+        idle = asyncio.create_task(self.budget.wait_idle())
+        hurried = asyncio.create_task(hurry.wait())
+        done, pending = await asyncio.wait(
+            {idle, hurried}, timeout=self.config.drain_timeout, return_when="FIRST_COMPLETED"
+        )
+        for task in pending:
+            task.cancel()
+        if idle not in done:
+            logger.warning("Leaving with %d session(s) still open", self.budget.statistics().sessions_open)
 
     def _load_blocks(self):
         config = self.config

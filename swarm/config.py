@@ -15,12 +15,26 @@ class ClientConfig:
     request_timeout: float = 30.0  # seconds for one step or call to one peer
     connect_timeout: float = 10.0  # seconds to wait for the DHT to show every block covered
     ping_timeout: float = 2.0  # seconds for a latency probe
-    ban_seconds: float = 15.0  # how long a failed peer is left out of routes
+    ban_seconds: float = 15.0  # first ban of a failed peer; doubles with each further failure ...
+    max_ban_seconds: float = 300.0  # ... up to this
+    max_retries: int = 5  # replacement attempts for one failed span of one step before giving up
+    min_step_timeout: float = 3.0  # floor of the adaptive per-step timeout that detects a hung peer
+    hung_step_factor: float = 10.0  # a decode step slower than this many times the recent ones is a hang
     view_max_age: float = 1.0  # seconds a read of the DHT is reused when building routes
+    dht_timeout: float = 2.0  # seconds a DHT node may take to answer before a lookup goes on without it
 
     def __post_init__(self) -> None:
         if not self.initial_peers:
             raise ConfigError("initial_peers is empty: pass the multiaddr printed by `swarm-dht` or any peer")
-        for name in ("request_timeout", "connect_timeout", "ping_timeout", "ban_seconds"):
+        for name in (
+            "request_timeout",
+            "connect_timeout",
+            "ping_timeout",
+            "ban_seconds",
+            "min_step_timeout",
+            "dht_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.max_retries < 0 or self.hung_step_factor <= 1:
+            raise ConfigError("max_retries must be >= 0 and hung_step_factor > 1")

@@ -4,10 +4,14 @@ Ctrl-C in a terminal sends SIGINT to the whole process group. If the DHT process
 could no longer announce itself offline on the way out; so the DHT process ignores SIGINT (the disposition is
 inherited across fork) and the owner shuts it down with `dht.shutdown()`, which also stops its `p2pd`.
 SIGTERM stays deliverable: hivemind's own hard shutdown of a stuck DHT process relies on it.
+
+p2pd binds with SO_REUSEPORT, so two processes on one fixed port would both start and silently split incoming
+connections; `LIBP2P_TCP_REUSEPORT=false` (unless set otherwise) makes the second one fail to start instead.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +25,7 @@ _OWNER_SIGNALS = (signal.SIGINT,)
 
 
 def start_dht(initial_peers: Sequence[str], **kwargs: Any) -> hivemind.DHT:
+    os.environ.setdefault("LIBP2P_TCP_REUSEPORT", "false")  # read by the p2pd the DHT starts
     previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _OWNER_SIGNALS}
     try:
         return hivemind.DHT(initial_peers=list(initial_peers), start=True, **kwargs)

@@ -29,6 +29,7 @@ class RemoteSpan:
 
     peer_id: str  # base58
     info: ServerInfo
+    expiration_time: float = float("inf")  # DHT time (wall clock) after which the record is gone
 
     @property
     def start(self) -> int:
@@ -46,6 +47,21 @@ class SwarmView:
     model_prefix: str
     num_blocks: int
     spans: tuple[RemoteSpan, ...]
+
+    def merged_with(self, older: SwarmView, now: float) -> SwarmView:
+        """This view plus the records of `older` that have not expired and that this view lacks.
+
+        A DHT lookup can miss keys while a node holding them is unresponsive (a stopped process answers
+        nothing until hivemind's RPC timeout); records already seen stay valid until their own expiration.
+        """
+        fresh = {span.peer_id for span in self.spans}
+        kept = [s for s in older.spans if s.peer_id not in fresh and s.expiration_time > now]
+        return SwarmView(
+            self.model_prefix, self.num_blocks, tuple(sorted((*self.spans, *kept), key=lambda s: s.peer_id))
+        )
+
+    def unexpired(self, now: float) -> SwarmView:
+        return SwarmView(self.model_prefix, self.num_blocks, tuple(s for s in self.spans if s.expiration_time > now))
 
     def peers_for_block(self, block_index: int) -> list[RemoteSpan]:
         return [span for span in self.spans if span.start <= block_index < span.end]
@@ -81,9 +97,9 @@ async def read_swarm_view(dht: DHT, model_prefix: str, num_blocks: int) -> Swarm
     """Every live (unexpired) server record of the model's blocks, one span per peer."""
     keys = [block_key(model_prefix, i) for i in range(num_blocks)]
     found = await dht.run_coroutine(partial(_get_many, keys=keys), return_future=True)
-    spans: dict[str, ServerInfo] = {}
+    spans: dict[str, RemoteSpan] = {}
     for key in keys:
-        for peer_id, value in found.get(key, {}).items():
+        for peer_id, (value, expiration_time) in found.get(key, {}).items():
             try:
                 info = ServerInfo.from_wire(value)
                 if info.end > num_blocks:
@@ -91,15 +107,15 @@ async def read_swarm_view(dht: DHT, model_prefix: str, num_blocks: int) -> Swarm
             except ProtocolError as e:
                 logger.debug("Dropping malformed record of peer %s under %s: %s", peer_id, key, e)
                 continue
-            spans.setdefault(peer_id, info)
-    return SwarmView(model_prefix, num_blocks, tuple(RemoteSpan(p, i) for p, i in sorted(spans.items())))
+            spans.setdefault(peer_id, RemoteSpan(peer_id, info, expiration_time))
+    return SwarmView(model_prefix, num_blocks, tuple(span for _, span in sorted(spans.items())))
 
 
 async def read_models(dht: DHT) -> dict[str, ModelRecord]:
     """Model prefix -> record, for every model some peer announces."""
     found = await dht.run_coroutine(partial(_get_many, keys=[MODELS_KEY]), return_future=True)
     models = {}
-    for prefix, value in found.get(MODELS_KEY, {}).items():
+    for prefix, (value, _) in found.get(MODELS_KEY, {}).items():
         try:
             models[prefix] = ModelRecord.from_wire(value)
         except ProtocolError as e:
@@ -114,8 +130,8 @@ async def _store_many(
     return {str(key): bool(ok) for key, ok in results.items()}
 
 
-async def _get_many(_dht: DHT, node: DHTNode, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """key -> {subkey: value} of the latest unexpired entries (plain data, so it crosses the process boundary)."""
+async def _get_many(_dht: DHT, node: DHTNode, keys: Sequence[str]) -> dict[str, dict[str, tuple[Any, float]]]:
+    """key -> {subkey: (value, expiration)} of the latest unexpired entries (plain data: it crosses processes)."""
     found = await node.get_many(list(keys), sufficient_expiration_time=float("inf"))
     now = get_dht_time()
     result: dict[str, dict[str, Any]] = {}
@@ -123,6 +139,8 @@ async def _get_many(_dht: DHT, node: DHTNode, keys: Sequence[str]) -> dict[str, 
         if entry is None or not isinstance(entry.value, dict):
             continue
         result[str(key)] = {
-            str(subkey): item.value for subkey, item in entry.value.items() if item.expiration_time > now
+            str(subkey): (item.value, item.expiration_time)
+            for subkey, item in entry.value.items()
+            if item.expiration_time > now
         }
     return result

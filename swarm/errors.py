@@ -13,10 +13,13 @@
       |   + PeerTimeout
       |   + PeerUnreachable
       |   + PeerProtocolError
-      + RequestRejected          a peer refused a well-formed request (too long, no cache left)
-          + CacheFullError
+      + RequestRejected          a peer refused the request
+          + CacheFullError       no KV-cache room left there (another peer may have some)
+          + PeerLeaving          the peer is draining and takes no new sessions
+          + InvalidRequest       the request itself is wrong (shape, length, limits): no retry helps
 
-The type decides the reaction: a `PeerError` means "try another peer"; the rest reach the caller.
+The type decides the reaction: `PeerError`, `CacheFullError` and `PeerLeaving` mean "try another peer"
+(`RETRYABLE_ERRORS`); the rest reach the caller.
 """
 
 from __future__ import annotations
@@ -59,12 +62,12 @@ class RoutingError(SwarmError):
 class MissingBlocksError(RoutingError):
     """Some blocks have no live peer."""
 
-    def __init__(self, model: str, block_indices: Iterable[int]):
+    def __init__(self, model: str, block_indices: Iterable[int], detail: str = ""):
         self.model = model
         self.block_indices = sorted(set(block_indices))
         ranges = _format_ranges(self.block_indices)
         super().__init__(
-            f"blocks {ranges} of {model} have no live peer; "
+            f"blocks {ranges} of {model} have no live peer{detail}; "
             f"start one with `swarm-peer {model} --blocks {_first_range(self.block_indices)}`"
         )
 
@@ -90,11 +93,26 @@ class PeerProtocolError(PeerError):
 
 
 class RequestRejected(SwarmError):
-    """A peer refused a well-formed request; retrying elsewhere may succeed."""
+    """A peer refused the request."""
+
+    def __init__(self, message: str, peer_id: str | None = None):
+        self.peer_id = peer_id
+        super().__init__(message)
 
 
 class CacheFullError(RequestRejected):
-    """A peer has no KV-cache room left for a new session."""
+    """A peer (or every peer of some blocks) has no KV-cache room left for a new session."""
+
+
+class PeerLeaving(RequestRejected):
+    """A draining peer takes no new sessions."""
+
+
+class InvalidRequest(RequestRejected):
+    """The request breaks a peer's limits or the protocol; sending it elsewhere will not help."""
+
+
+RETRYABLE_ERRORS = (PeerError, CacheFullError, PeerLeaving)
 
 
 def _format_ranges(indices: list[int]) -> str:

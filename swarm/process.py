@@ -7,7 +7,7 @@ starts every command in a new session (its own process group) and stops the whol
     with SwarmProcess([swarm_dht, "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]) as dht:
         match = dht.wait_for_line(r"^--initial-peers (\\S+)$", timeout=60, stream="stdout")
         ...
-    # leaving the block sends SIGTERM to the group, then SIGKILL to whatever is left
+    # leaving the block sends SIGTERM to the command, then SIGKILL to whatever is left in its group
 
 `descendants(pid)` lists a process tree from /proc (Linux only), so a test can check that nothing outlived it.
 """
@@ -151,8 +151,9 @@ class SwarmProcess:
             pass
 
     def terminate(self, timeout: float = 10.0) -> int:
-        """SIGTERM to the process group; after `timeout` seconds, SIGKILL. Whatever is left in the group is killed."""
-        self.signal_group(signal.SIGTERM)
+        """SIGTERM to the command itself, so it can shut its own children down in order; after `timeout` seconds,
+        SIGKILL to the group. Whatever is still left in the group afterwards is killed too."""
+        self.send_signal(signal.SIGTERM)
         try:
             self._popen.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from types import TracebackType
 
 from swarm.process import SwarmProcess
@@ -17,6 +16,7 @@ from swarm.process import SwarmProcess
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 INITIAL_PEERS_LINE = r"^--initial-peers (/ip4/127\.0\.0\.1/\S+)$"
 SERVING_LINE = r"Serving blocks (\d+):(\d+)"
+PEER_ID_LINE = r"reachable at: --initial-peers \S+/p2p/(\w+)"
 
 
 class LocalSwarm:
@@ -28,7 +28,7 @@ class LocalSwarm:
         spans: Sequence[tuple[int, int]],
         *,
         num_threads: int = 1,
-        update_period: float = 2.0,
+        update_period: float = 5.0,  # records live 3 periods; shorter ones lapse while a stopped DHT node stalls
         peer_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         start_timeout: float = 180.0,
@@ -73,6 +73,17 @@ class LocalSwarm:
             peer.wait_for_line(SERVING_LINE, self.start_timeout)
         return peer
 
+    def peer_id(self, peer: SwarmProcess) -> str:
+        """The full peer id a peer process logged at start."""
+        return peer.wait_for_line(PEER_ID_LINE, self.start_timeout).group(1)
+
+    def process_of(self, peer_id: str) -> SwarmProcess:
+        """The peer process with this peer id."""
+        for peer in self.peers:
+            if peer.returncode is None and self.peer_id(peer) == peer_id:
+                return peer
+        raise LookupError(f"no running peer has id {peer_id}")
+
     def close(self) -> None:
         """Stop every peer, then the bootstrap node; each by PID, escalating to SIGKILL of its group."""
         for process in [*self.peers, *([self.bootstrap] if self.bootstrap else [])]:
@@ -85,7 +96,3 @@ class LocalSwarm:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.close()
-
-
-def model_dir_name(model: str | os.PathLike[str]) -> str:
-    return Path(model).name

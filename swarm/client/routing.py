@@ -107,7 +107,12 @@ def choose_route(
                     f"cache full: no peer serving blocks {min(uncovered_for_cache)}:{max(uncovered_for_cache) + 1} "
                     f"has {min_cache_tokens} tokens of KV cache free; try a smaller max_length or batch, or later"
                 )
-        raise MissingBlocksError(view.model_prefix, _uncovered(candidates, start, end))
+        missing = _uncovered(candidates, start, end)
+        banned_there = {
+            s.peer_id for s in view.spans if s.peer_id in banned and set(missing) & set(range(s.start, s.end))
+        }
+        detail = f" ({len(banned_there)} peer(s) serving them are left out after failures)" if banned_there else ""
+        raise MissingBlocksError(view.model_prefix, missing, detail)
     spans: list[RouteSpan] = []
     position = end
     while position != start:

@@ -1,18 +1,46 @@
-"""An inference session: hidden states stream through a route, each peer keeping the session's KV cache."""
+"""An inference session: hidden states stream through a route, each peer keeping the session's KV cache.
+
+Fault tolerance lives here. For every span of the route the session keeps the hidden states it has sent (at
+most `max_length` tokens). When a peer fails during a step (broken connection, error reply, timeout, refusal
+because it is leaving or full), the session bans it, routes that span's blocks through other peers (possibly
+several), replays the stored inputs so their caches hold everything the lost peer had seen, and sends the step
+again. The caller sees a delay and a log line, and the same output.
+
+A hung peer (stopped, not dead) is found by a per-step timeout that adapts to the span's recent decode steps:
+`hung_step_factor` times the slowest of them, never below `min_step_timeout` nor above `request_timeout`.
+"""
 
 from __future__ import annotations
 
+import collections
 import logging
+import time
+from dataclasses import dataclass, field
 
 import torch
 
-from swarm.client.routing import Route
+from swarm.client.routing import Route, RouteSpan
 from swarm.client.swarm_client import SwarmClient
 from swarm.client.transport import InferenceStream
-from swarm.errors import ConfigError
+from swarm.errors import RETRYABLE_ERRORS, ConfigError, PeerTimeout, SwarmError
+from swarm.logs import short_id
 from swarm.protocol import InferenceOpen
 
 logger = logging.getLogger(__name__)
+
+RECENT_STEPS = 8  # decode-step durations remembered per span for the adaptive timeout
+
+
+@dataclass
+class _SpanConnection:
+    """One span of the route: its stream, and every input sent through it (for replay on failure)."""
+
+    span: RouteSpan
+    stream: InferenceStream
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    recent_step_seconds: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=RECENT_STEPS)
+    )
 
 
 class InferenceSession:
@@ -24,8 +52,14 @@ class InferenceSession:
         self.swarm = swarm
         self.max_length = max_length
         self.position = 0
-        self.route: Route | None = None
-        self._streams: list[InferenceStream] = []
+        self.reroutes = 0  # how many failed spans were replaced so far
+        self._batch_size: int | None = None
+        self._connections: list[_SpanConnection] = []
+
+    @property
+    def route(self) -> Route | None:
+        """The spans in use now (a reroute changes them)."""
+        return Route(tuple(c.span for c in self._connections)) if self._connections else None
 
     async def step(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Run [batch, seq, hidden] states that start at `position` through all blocks."""
@@ -35,24 +69,109 @@ class InferenceSession:
                 f"the session would reach {self.position + seq} tokens, more than its max_length={self.max_length}; "
                 "open it with a larger max_length"
             )
-        if not self._streams:
-            await self._open(batch)
-        timeout = self.swarm.config.request_timeout
-        for stream in self._streams:
-            hidden_states = await stream.step(hidden_states, self.position, timeout)
+        if self._batch_size is None:
+            self._batch_size = batch
+            self._connections = await self._connect(0, self.swarm.num_blocks, history=None)
+        elif batch != self._batch_size:
+            raise ConfigError(f"the session was opened for batch size {self._batch_size}, this step has {batch}")
+        index = 0
+        while index < len(self._connections):
+            connection = self._connections[index]
+            try:
+                outputs = await self._send(connection, hidden_states, self.position)
+            except RETRYABLE_ERRORS as e:
+                await self._replace(index, e)
+                continue  # the same step, through the replacement
+            connection.inputs.append(hidden_states)
+            hidden_states = outputs
+            index += 1
         self.position += seq
         return hidden_states
 
     async def close(self) -> None:
-        for stream in self._streams:
-            await stream.close()
-        self._streams = []
+        for connection in self._connections:
+            await connection.stream.close()
+        self._connections = []
 
-    async def _open(self, batch_size: int) -> None:
-        route = await self.swarm.make_route(0, self.swarm.num_blocks, min_cache_tokens=self.max_length * batch_size)
+    async def _send(self, connection: _SpanConnection, hidden_states: torch.Tensor, position: int) -> torch.Tensor:
+        timeout = self._step_timeout(connection, hidden_states.shape[1])
+        began = time.perf_counter()
+        try:
+            outputs = await connection.stream.step(hidden_states, position, timeout)
+        except PeerTimeout as e:
+            raise PeerTimeout(connection.span.peer_id, f"no answer to a step within {timeout:.1f} s") from e
+        if hidden_states.shape[1] == 1:
+            connection.recent_step_seconds.append(time.perf_counter() - began)
+        return outputs
+
+    def _step_timeout(self, connection: _SpanConnection, seq: int) -> float:
+        config = self.swarm.config
+        if seq != 1 or not connection.recent_step_seconds:
+            return config.request_timeout  # prefill or a first step: nothing to compare with
+        adaptive = config.hung_step_factor * max(connection.recent_step_seconds)
+        return min(max(adaptive, config.min_step_timeout), config.request_timeout)
+
+    async def _replace(self, index: int, error: SwarmError) -> None:
+        """Swap the failed connection at `index` for new ones over the same blocks, with their caches rebuilt."""
+        failed = self._connections.pop(index)
+        peer_id = getattr(error, "peer_id", None) or failed.span.peer_id
+        self.swarm.ban(peer_id, str(error))
+        failed.stream.abort()
+        history = torch.cat(failed.inputs, dim=1) if failed.inputs else None
+        span = failed.span
+        last_error: SwarmError = error
+        for attempt in range(1, self.swarm.config.max_retries + 1):
+            began = time.perf_counter()
+            try:
+                replacement = await self._connect(span.start, span.end, history, reuse_view=attempt == 1)
+            except RETRYABLE_ERRORS as e:
+                if (failed_peer := getattr(e, "peer_id", None)) is not None:
+                    self.swarm.ban(failed_peer, str(e))
+                last_error = e
+                continue
+            self._connections[index:index] = replacement
+            self.reroutes += 1
+            logger.warning(
+                "Rerouted blocks %d:%d away from %s (%s) after %d attempt(s), replayed %d tokens in %.2f s: %s",
+                span.start, span.end, short_id(peer_id), type(error).__name__, attempt,
+                0 if history is None else history.shape[1], time.perf_counter() - began,
+                Route(tuple(c.span for c in replacement)).describe(),
+            )  # fmt: skip
+            return
+        raise SwarmError(
+            f"blocks {span.start}:{span.end} failed on {self.swarm.config.max_retries} replacement peers in a row; "
+            f"last error: {last_error}"
+        ) from last_error
+
+    async def _connect(
+        self, start: int, end: int, history: torch.Tensor | None, *, reuse_view: bool = False
+    ) -> list[_SpanConnection]:
+        """Streams over a fresh route for blocks [start, end); with `history`, replay it to rebuild their caches."""
+        assert self._batch_size is not None
+        route = await self.swarm.make_route(
+            start, end, min_cache_tokens=self.max_length * self._batch_size, reuse_view=reuse_view
+        )
         p2p = await self.swarm.p2p()
-        self.route = route
-        self._streams = [
-            InferenceStream(p2p, span.peer_id, InferenceOpen(span.start, span.end, self.max_length, batch_size))
+        connections = [
+            _SpanConnection(
+                span,
+                InferenceStream(
+                    p2p, span.peer_id, InferenceOpen(span.start, span.end, self.max_length, self._batch_size)
+                ),
+            )
             for span in route.spans
         ]
+        if history is not None:
+            hidden_states = history
+            try:
+                for connection in connections:
+                    outputs = await self._send(connection, hidden_states, 0)
+                    connection.inputs.append(hidden_states)
+                    hidden_states = outputs
+            except BaseException:
+                for connection in connections:
+                    connection.stream.abort()
+                raise
+        for connection in connections:
+            self.swarm.record_success(connection.span.peer_id)
+        return connections

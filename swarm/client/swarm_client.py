@@ -9,6 +9,7 @@ import random
 import time
 
 from hivemind.p2p import P2P
+from hivemind.utils import get_dht_time
 
 from swarm.client._sync import run_sync
 from swarm.client.routing import Route, choose_route
@@ -32,12 +33,18 @@ class SwarmClient:
         self.config = config
         self.model_prefix = model_prefix
         self.num_blocks = num_blocks
-        self.dht = start_dht(config.initial_peers, client_mode=True, host_maddrs=list(config.host_maddrs))
+        self.dht = start_dht(
+            config.initial_peers,
+            client_mode=True,
+            host_maddrs=list(config.host_maddrs),
+            wait_timeout=config.dht_timeout,
+        )
         self._p2p: P2P | None = None
         self._view: SwarmView | None = None
         self._view_time = -float("inf")
         self._latencies: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
         self._banned_until: dict[str, float] = {}
+        self._failures_in_a_row: dict[str, int] = {}
         self._rng = random.Random()
 
     async def p2p(self) -> P2P:
@@ -48,25 +55,42 @@ class SwarmClient:
     async def view(self, max_age: float | None = None) -> SwarmView:
         max_age = self.config.view_max_age if max_age is None else max_age
         if self._view is None or time.monotonic() - self._view_time > max_age:
-            self._view = await read_swarm_view(self.dht, self.model_prefix, self.num_blocks)
+            fresh = await read_swarm_view(self.dht, self.model_prefix, self.num_blocks)
+            self._view = fresh if self._view is None else fresh.merged_with(self._view, get_dht_time())
             self._view_time = time.monotonic()
         return self._view
 
     def ban(self, peer_id: str, reason: str) -> None:
-        logger.warning(
-            "Leaving peer %s out of routes for %.0f s: %s", short_id(peer_id), self.config.ban_seconds, reason
-        )
-        self._banned_until[peer_id] = time.monotonic() + self.config.ban_seconds
+        """Leave a failed peer out of routes; each failure in a row doubles the ban (exponential backoff)."""
+        failures = self._failures_in_a_row.get(peer_id, 0) + 1
+        self._failures_in_a_row[peer_id] = failures
+        seconds = min(self.config.ban_seconds * 2 ** (failures - 1), self.config.max_ban_seconds)
+        logger.warning("Leaving peer %s out of routes for %.0f s: %s", short_id(peer_id), seconds, reason)
+        self._banned_until[peer_id] = time.monotonic() + seconds
+        self._latencies.pop(peer_id, None)  # re-measure when it comes back
+
+    def record_success(self, peer_id: str) -> None:
+        """A peer served a session: its next failure starts the backoff afresh."""
+        self._failures_in_a_row.pop(peer_id, None)
 
     def banned(self) -> set[str]:
         now = time.monotonic()
         return {peer for peer, until in self._banned_until.items() if until > now}
 
-    async def make_route(self, start: int, end: int, *, min_cache_tokens: int = 0) -> Route:
-        """The best route over blocks [start, end) now; waits up to connect_timeout for missing blocks."""
+    async def make_route(self, start: int, end: int, *, min_cache_tokens: int = 0, reuse_view: bool = False) -> Route:
+        """The best route over blocks [start, end) now; waits up to connect_timeout for missing blocks.
+
+        With `reuse_view` (rerouting around a failed peer), the first attempt routes over the unexpired records
+        already known: a fresh DHT lookup could stall on the very peer that just hung.
+        """
         deadline = time.monotonic() + self.config.connect_timeout
+        attempt = 0
         while True:
-            view = await self.view(max_age=0 if self._view is not None else None)
+            if attempt == 0 and reuse_view and self._view is not None:
+                view = self._view.unexpired(get_dht_time())
+            else:
+                view = await self.view(max_age=0 if attempt else None)
+            attempt += 1
             await self._measure_latencies(view)
             try:
                 route = choose_route(

@@ -19,7 +19,9 @@ from hivemind.proto import runtime_pb2
 from swarm import messages
 from swarm.errors import (
     CacheFullError,
+    InvalidRequest,
     PeerError,
+    PeerLeaving,
     PeerProtocolError,
     PeerTimeout,
     PeerUnreachable,
@@ -63,11 +65,11 @@ def raise_for_error(peer_id: str, reply: ErrorReply | None) -> None:
     if reply is None:
         return
     if reply.kind is ErrorKind.CACHE_FULL:
-        raise CacheFullError(f"peer …{peer_id[-6:]}: {reply.message}")
+        raise CacheFullError(f"peer …{peer_id[-6:]}: {reply.message}", peer_id)
     if reply.kind is ErrorKind.UNAVAILABLE:
-        raise RequestRejected(f"peer …{peer_id[-6:]}: {reply.message}")
+        raise PeerLeaving(f"peer …{peer_id[-6:]}: {reply.message}", peer_id)
     if reply.kind is ErrorKind.BAD_REQUEST:
-        raise RequestRejected(f"peer …{peer_id[-6:]} refused the request: {reply.message}")
+        raise InvalidRequest(f"peer …{peer_id[-6:]} refused the request: {reply.message}", peer_id)
     raise PeerProtocolError(peer_id, f"failed: {reply.message}")
 
 
@@ -169,8 +171,13 @@ class InferenceStream:
                 raise ProtocolError(f"reply of shape {list(outputs.shape)} for a step of shape {list(hidden.shape)}")
             return outputs
 
+    def abort(self) -> None:
+        """Give up on the stream without waiting for the peer (used once it is known to have failed)."""
+        self._requests.put_nowait(None)
+        self._replies = None
+
     async def close(self) -> None:
-        """End the stream; the peer frees the session's cache."""
+        """End the stream and wait briefly for the peer to end its side; the peer frees the session's cache."""
         self._requests.put_nowait(None)
         if self._replies is not None:
             with contextlib.suppress(Exception):

@@ -12,7 +12,7 @@ def test_reservations_are_bounded_and_released() -> None:
     budget = KVCacheBudget(100)
     with budget.reserve(60):
         assert budget.statistics().tokens_left == 40
-        with pytest.raises(CacheFullError, match="needs 50 tokens.*40 of 100 left"):
+        with pytest.raises(CacheFullError, match=r"needs 50 tokens.*40 of 100 left"):
             with budget.reserve(50):
                 pass
         with budget.reserve(40):

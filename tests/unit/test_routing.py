@@ -23,7 +23,11 @@ def _view(*spans: RemoteSpan, num_blocks: int = 12) -> SwarmView:
 
 def _covers_contiguously(route, start: int, end: int) -> bool:
     positions = [start] + [s.end for s in route.spans]
-    return route.start == start and route.end == end and all(s.start == p for s, p in zip(route.spans, positions))
+    return (
+        route.start == start
+        and route.end == end
+        and all(s.start == p for s, p in zip(route.spans, positions[:-1], strict=True))
+    )
 
 
 def test_route_covers_all_blocks_with_contiguous_spans() -> None:

@@ -1,0 +1,353 @@
+"""`swarm`: the client's command line.
+
+    swarm generate MODEL --initial-peers MADDR --prompt "..."   stream text generated through the swarm
+    swarm status MODEL --initial-peers MADDR [--json]          which peers serve which blocks
+    swarm demo                                                 a whole swarm on this machine (see swarm/demo.py)
+
+Generated text goes to stdout as it is produced; the route, statistics and errors go to stderr, so
+`swarm generate ... > out.txt` keeps only the text. A `SwarmError` ends the command with a one-line message and
+exit code 1 (a traceback would suggest a bug where there is only a missing peer or a wrong flag); Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import transformers
+from hivemind.utils.multiaddr import Multiaddr
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TextStreamer
+
+import swarm
+from swarm.client._sync import run_sync
+from swarm.config import ClientConfig
+from swarm.dht import start_dht
+from swarm.directory import SwarmView, read_models, read_swarm_view
+from swarm.errors import ConfigError, ModelError, SwarmError
+from swarm.logs import setup_logging, short_id
+from swarm.models import ModelSource
+from swarm.protocol import model_prefix_for
+
+logger = logging.getLogger(__name__)
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a writer whose reader left
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    """One streamed generation: all token ids (prompt included) and how long it took."""
+
+    token_ids: torch.Tensor  # [1, prompt + new tokens]
+    new_tokens: int
+    seconds: float
+    first_token_seconds: float  # from the call to the first generated token: prefill plus one step
+    route: str
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        return (
+            f"{self.new_tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} tokens/s), "
+            f"time to first token {self.first_token_seconds:.2f} s"
+        )
+
+
+class _TimedStreamer(TextStreamer):
+    """Prints generated text as it comes (TextStreamer) and calls `on_first_token` just before the first token,
+    when the route is known but nothing is printed yet, so route and text never interleave mid-line."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, on_first_token: Callable[[], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.first_token_at: float | None = None
+        self._on_first_token = on_first_token
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.next_tokens_are_prompt and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+            self._on_first_token()
+        super().put(value)
+
+
+def stream_generate(
+    model: swarm.DistributedModelForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    route_file: TextIO = sys.stderr,
+    **generate_kwargs: Any,
+) -> GenerationResult:
+    """Generate through the swarm, printing the route (to `route_file`), then the prompt and each new token (stdout).
+
+    Streams from one session opened here, so the route printed is the one the tokens take.
+    """
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with model.inference_session(max_length=input_ids.shape[1] + max_new_tokens) as session:
+
+        def show_route() -> None:
+            print(f"Route: {session.route.describe() if session.route else '?'}", file=route_file, flush=True)
+            print(prompt, end="", flush=True)
+
+        streamer = _TimedStreamer(tokenizer, show_route)
+        started = time.monotonic()
+        output = model.generate(input_ids, max_new_tokens=max_new_tokens, streamer=streamer, **generate_kwargs)
+        seconds = time.monotonic() - started
+        route = session.route.describe() if session.route else ""
+        if session.reroutes:
+            print(f"\nRerouted around failed peers {session.reroutes} time(s); route now: {route}", file=route_file)
+    first_token_at = streamer.first_token_at if streamer.first_token_at is not None else started + seconds
+    return GenerationResult(output, output.shape[1] - input_ids.shape[1], seconds, first_token_at - started, route)
+
+
+def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, or a ConfigError saying why there is none (before any swarm is contacted)."""
+    if Path(model).is_dir() and not any((Path(model) / name).exists() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{model} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save one next to it")
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the tokenizer of {model}: {str(e).strip().splitlines()[0]}") from e
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    sampling = {name: value for name in ("temperature", "top_k", "top_p") if (value := getattr(args, name)) is not None}
+    if args.greedy and sampling:
+        raise ConfigError(f"--greedy picks the likeliest token; it cannot be combined with {', '.join(sampling)}")
+    if args.repetition_penalty is not None:
+        sampling["repetition_penalty"] = args.repetition_penalty
+    tokenizer = load_tokenizer(args.model)
+    config = ClientConfig(
+        initial_peers=tuple(args.initial_peers),
+        model_prefix=args.model_prefix or "",
+        connect_timeout=args.connect_timeout,
+    )
+    model = swarm.AutoDistributedModelForCausalLM.from_pretrained(
+        args.model, initial_peers=config.initial_peers, config=config
+    )
+    try:
+        result = stream_generate(
+            model, tokenizer, args.prompt, args.max_new_tokens, do_sample=not args.greedy, **sampling
+        )
+    finally:
+        model.close()
+    print(result.describe(), file=sys.stderr)
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    prefix = args.model_prefix or model_prefix_for(args.model)
+    config = ClientConfig(initial_peers=tuple(args.initial_peers))
+    dht = start_dht(config.initial_peers, client_mode=True, host_maddrs=list(config.host_maddrs))
+    try:
+        models = run_sync(read_models(dht))
+        num_blocks = models[prefix].num_blocks if prefix in models else _local_num_blocks(args.model, prefix, models)
+        view = run_sync(read_swarm_view(dht, prefix, num_blocks))
+    finally:
+        dht.shutdown()
+    if args.json:
+        print(json.dumps(status_document(args.model, view), indent=2))
+    else:
+        print_status(args.model, view)
+    return 0
+
+
+def _local_num_blocks(model: str, prefix: str, announced: dict[str, Any]) -> int:
+    """No peer announces the model: its block count can still come from the checkpoint itself."""
+    try:
+        return ModelSource.open(model).layout.num_blocks
+    except ModelError as e:
+        known = ", ".join(sorted(announced)) or "none"
+        raise ConfigError(f"no peer announces model prefix {prefix!r} (announced: {known}), and {e}") from e
+
+
+def status_document(model: str, view: SwarmView) -> dict[str, Any]:
+    """The status as one JSON-ready document: full peer ids and records, per-block peers, missing blocks."""
+    return {
+        "model": model,
+        "model_prefix": view.model_prefix,
+        "num_blocks": view.num_blocks,
+        "peers": [{"peer_id": span.peer_id, **span.info.to_wire()} for span in view.spans],
+        "blocks": [
+            {"index": i, "peer_ids": [span.peer_id for span in view.peers_for_block(i)]} for i in range(view.num_blocks)
+        ],
+        "missing_blocks": view.missing_blocks(),
+    }
+
+
+def print_status(model: str, view: SwarmView) -> None:
+    """Runs of blocks with the same peers, one line per peer, then the summary (missing = no online peer)."""
+    print(f"{model} (prefix {view.model_prefix}): {view.num_blocks} blocks, {len(view.spans)} peers")
+    start = 0
+    for end in range(1, view.num_blocks + 1):
+        if end < view.num_blocks and view.peers_for_block(end) == view.peers_for_block(start):
+            continue
+        spans = view.peers_for_block(start)
+        print(f"blocks {start}:{end}" + ("" if spans else "  no peer"))
+        for span in spans:
+            info = span.info
+            name = f"  {info.public_name!r}" if info.public_name else ""
+            print(
+                f"  {short_id(span.peer_id)}  {info.state.value:<8} serves {info.start}:{info.end}  "
+                f"{info.throughput:.1f} tokens/s  {info.cache_tokens_left} cache tokens left{name}"
+            )
+        start = end
+    missing = view.missing_blocks()
+    covered = view.num_blocks - len(missing)
+    if missing:
+        print(f"{covered}/{view.num_blocks} blocks covered; MISSING blocks {_ranges(missing)} (no online peer)")
+    else:
+        print(f"{covered}/{view.num_blocks} blocks covered: the model is fully served")
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0:3, 5:6': half-open, as --blocks takes them."""
+    runs = [list(run) for _, run in itertools.groupby(enumerate(indices), key=lambda pair: pair[1] - pair[0])]
+    return ", ".join(f"{run[0][1]}:{run[-1][1] + 1}" for run in runs)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from swarm.demo import DemoOptions, run_demo  # imported here: swarm.demo builds on this module's helpers
+
+    options = DemoOptions(
+        model=args.model,
+        num_peers=args.peers,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        num_threads=args.num_threads,
+    )
+    return run_demo(options)
+
+
+def _multiaddr(text: str) -> str:
+    try:
+        Multiaddr(text)
+    except Exception as e:  # multiaddr raises several unrelated types for malformed input
+        raise argparse.ArgumentTypeError(f"not a multiaddr: {text!r} ({e})") from e
+    return text
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", "--log_level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    swarm_flags = argparse.ArgumentParser(add_help=False)
+    swarm_flags.add_argument("model", help="model directory or Hugging Face id")
+    swarm_flags.add_argument(
+        "--initial-peers",
+        "--initial_peers",
+        nargs="+",
+        action="extend",
+        required=True,
+        type=_multiaddr,
+        metavar="MADDR",
+        help="multiaddr of any swarm member (a bootstrap node or a peer); repeatable",
+    )
+    swarm_flags.add_argument("--model-prefix", "--model_prefix", help="DHT key prefix (default: from the model name)")
+
+    parser = argparse.ArgumentParser(prog="swarm", description="Run language models over a blockswarm swarm.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {swarm.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser(
+        "generate", parents=[common, swarm_flags], help="generate text, streamed as it comes"
+    )
+    add = generate.add_argument
+    add("--prompt", required=True)
+    add("--max-new-tokens", "--max_new_tokens", type=_positive_int, default=32, help="default: %(default)s")
+    add("--connect-timeout", "--connect_timeout", type=float, default=10.0,
+        help="seconds to wait for peers covering every block (default: %(default)s)")  # fmt: skip
+    add("--greedy", action="store_true", help="always take the likeliest token (deterministic); default: sample")
+    add("--temperature", type=float, help="sampling temperature (default: the model's generation config)")
+    add("--top-k", "--top_k", type=int, help="sample among the k likeliest tokens")
+    add("--top-p", "--top_p", type=float, help="sample among the likeliest tokens holding this probability")
+    add("--repetition-penalty", "--repetition_penalty", type=float, help="above 1 discourages repeating tokens")
+    add("--seed", type=int, help="seed the sampler, for repeatable samples")
+    generate.set_defaults(run=run_generate)
+
+    status = commands.add_parser("status", parents=[common, swarm_flags], help="show which peers serve which blocks")
+    status.add_argument("--json", action="store_true", help="print one JSON document, for scripts")
+    status.set_defaults(run=run_status)
+
+    demo = commands.add_parser("demo", parents=[common], help="run a swarm here and check it against the local model")
+    add = demo.add_argument
+    add("--model", help="model directory (default: the demo model, created on first run)")
+    add("--peers", type=int, choices=[2, 3], default=2, help="how many peers split the blocks (default: %(default)s)")
+    add("--prompt", default="It was the best of times,", help="default: %(default)r")
+    add("--max-new-tokens", "--max_new_tokens", type=_positive_int, default=32, help="default: %(default)s")
+    add("--num-threads", "--num_threads", type=_positive_int, default=1,
+        help="torch threads in each process (default: %(default)s)")  # fmt: skip
+    demo.set_defaults(run=run_demo)
+    return parser
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so it unwinds exactly like Ctrl-C."""
+
+
+def _unwind_on_sigterm() -> None:
+    """SIGTERM (a service manager, a test's timeout) unwinds like Ctrl-C, so `finally` blocks stop the peers we
+    started: they run in their own sessions and would otherwise outlive us.
+
+    hivemind forks its DHT process from this one, and a fork inherits the handler; there it does what SIGTERM
+    does by default, because hivemind stops a stuck DHT process with SIGTERM.
+    """
+    owner = os.getpid()
+
+    def handle(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, handle)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level.upper())
+    transformers.utils.logging.disable_progress_bar()  # weight loading bars would break the streamed text
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the client forks its DHT process after tokenizing
+    _unwind_on_sigterm()
+    try:
+        code = args.run(args)
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, _Terminated)
+        print(f"\nswarm {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        code = EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    except SwarmError as e:
+        print(f"swarm {args.command}: error: {e}", file=sys.stderr)
+        code = EXIT_ERROR
+    except BrokenPipeError:  # `swarm ... | head`: the reader left; say nothing more (Python's documented recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
