@@ -140,9 +140,7 @@ def run_generate(args: argparse.Namespace) -> int:
         model_prefix=args.model_prefix or "",
         connect_timeout=args.connect_timeout,
     )
-    model = swarm.AutoDistributedModelForCausalLM.from_pretrained(
-        args.model, initial_peers=config.initial_peers, config=config
-    )
+    model = swarm.AutoDistributedModelForCausalLM.from_pretrained(args.model, config=config)
     try:
         result = stream_generate(
             model, tokenizer, args.prompt, args.max_new_tokens, do_sample=not args.greedy, **sampling

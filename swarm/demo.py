@@ -74,9 +74,7 @@ def run_demo(options: DemoOptions) -> int:
 
         say("Connecting a client (it loads only the embeddings and the LM head) ...")
         config = ClientConfig(initial_peers=tuple(local_swarm.initial_peers), connect_timeout=START_TIMEOUT_SECONDS)
-        client = AutoDistributedModelForCausalLM.from_pretrained(
-            model_dir, initial_peers=config.initial_peers, config=config
-        )
+        client = AutoDistributedModelForCausalLM.from_pretrained(model_dir, config=config)
         cleanup.callback(client.close)
         run_sync(client.swarm.wait_blocks_covered(START_TIMEOUT_SECONDS))
 

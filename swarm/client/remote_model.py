@@ -59,17 +59,23 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         cls,
         model_name_or_path: str | os.PathLike[str],
         *,
-        initial_peers: list[str] | tuple[str, ...],
+        initial_peers: list[str] | tuple[str, ...] | None = None,
         model_prefix: str | None = None,
         dtype: str | torch.dtype | None = None,
         revision: str | None = None,
         config: ClientConfig | None = None,
     ) -> DistributedModelForCausalLM:
-        """Load the local parts of `model_name_or_path` and connect to the swarm through `initial_peers`."""
+        """Load the local parts of `model_name_or_path` and connect to the swarm through `initial_peers`
+        (or `config.initial_peers`; when both are given they must agree)."""
+        if config is None:
+            if not initial_peers:
+                raise ConfigError("pass initial_peers=[MULTIADDR, ...] (printed by `swarm-dht` or any peer)")
+            config = ClientConfig(initial_peers=tuple(initial_peers))
+        elif initial_peers is not None and tuple(initial_peers) != config.initial_peers:
+            raise ConfigError("initial_peers and config.initial_peers differ; pass the peers in one place")
         source = ModelSource.open(model_name_or_path, revision=revision)
         client_modules = load_client_modules(source, dtype=dtype)
-        prefix = model_prefix or (config.model_prefix if config else "") or model_prefix_for(str(model_name_or_path))
-        config = config or ClientConfig(initial_peers=tuple(initial_peers))
+        prefix = model_prefix or config.model_prefix or model_prefix_for(str(model_name_or_path))
         swarm = SwarmClient(config, prefix, source.layout.num_blocks)
         model = cls(source.config, client_modules, swarm)
         model.generation_config = _generation_config(source)

@@ -42,9 +42,7 @@ def connect() -> Iterator[Callable[..., DistributedModelForCausalLM]]:
 
     def open_model(model: Path, local_swarm: LocalSwarm, **config: object) -> DistributedModelForCausalLM:
         client_config = ClientConfig(initial_peers=tuple(local_swarm.initial_peers), **config)  # type: ignore[arg-type]
-        distributed = AutoDistributedModelForCausalLM.from_pretrained(
-            model, initial_peers=local_swarm.initial_peers, config=client_config
-        )
+        distributed = AutoDistributedModelForCausalLM.from_pretrained(model, config=client_config)
         models.append(distributed)
         return distributed
 
