@@ -66,6 +66,10 @@ def build_parser() -> configargparse.ArgumentParser:
         help="on SIGTERM, seconds open sessions may finish before the peer leaves (0: leave at once)")  # fmt: skip
     add("--num-threads", "--num_threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add("--revision", default=None, help="model revision on the Hugging Face hub")
+    add("--metrics-port", "--metrics_port", type=int, default=None,
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics (0: any free port; default: none)")  # fmt: skip
+    add("--metrics-addr", "--metrics_addr", default=defaults.metrics_addr,
+        help="address the metrics server listens on")  # fmt: skip
     return parser
 
 
@@ -96,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
             drain_timeout=args.drain_timeout,
             num_threads=args.num_threads,
             revision=args.revision,
+            metrics_port=args.metrics_port,
+            metrics_addr=args.metrics_addr,
         )
         logger.info("Starting with:\n%s", parser.format_values().rstrip())
         run_peer(config)

@@ -29,6 +29,8 @@ class PeerConfig:
     drain_timeout: float = 30.0  # seconds open sessions may finish after SIGTERM before the peer leaves
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
     revision: str | None = None
+    metrics_port: int | None = None  # serve Prometheus metrics at http://metrics_addr:port/metrics; 0: a free port
+    metrics_addr: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not 0 <= self.start < self.end:
@@ -42,6 +44,8 @@ class PeerConfig:
             raise ConfigError("--update-period and --session-idle-timeout must be positive")
         if self.drain_timeout < 0:
             raise ConfigError("--drain-timeout must not be negative")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("--metrics-port must be between 0 and 65535")
 
 
 def parse_blocks(text: str) -> tuple[int, int]:

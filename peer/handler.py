@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
+from prometheus_client import CollectorRegistry
 
+from monitoring.peer_metrics import PeerMetrics
 from peer.kv_cache import KVCacheBudget
 from peer.runtime import BlockRuntime
 from swarm import messages
@@ -46,6 +49,9 @@ class HandlerLimits:
     session_idle_timeout: float  # seconds a session may wait for its next step
 
 
+_SpanComputation = Callable[[dict[str, Any], list[torch.Tensor]], Awaitable[torch.Tensor]]
+
+
 class _Refusal(Exception):
     def __init__(self, kind: ErrorKind, message: str):
         super().__init__(message)
@@ -62,24 +68,87 @@ class BlockHandler:
         limits: HandlerLimits,
         peer_info: Callable[[], PeerInfo],
         accepting_sessions: Callable[[], bool] = lambda: True,
+        metrics: PeerMetrics | None = None,
     ):
         self.runtime = runtime
         self.budget = budget
         self.limits = limits
         self._peer_info = peer_info
         self._accepting_sessions = accepting_sessions
+        self.metrics = metrics or PeerMetrics(CollectorRegistry())  # unexported when the peer serves no metrics
 
     async def add_p2p_handlers(self, p2p: P2P) -> None:
+        """Register every RPC, each wrapped so that its outcome, latency and bytes are recorded (`_measured`)."""
         request_type = runtime_pb2.ExpertRequest
-        await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, request_type)
-        await p2p.add_protobuf_handler(RPC_FORWARD, self.rpc_forward, request_type)
-        await p2p.add_protobuf_handler(RPC_BACKWARD, self.rpc_backward, request_type)
-        for name, handler in [
-            (RPC_INFERENCE, self.rpc_inference),
-            (RPC_FORWARD_STREAM, self.rpc_forward_stream),
-            (RPC_BACKWARD_STREAM, self.rpc_backward_stream),
+        for name, rpc, unary in [
+            (RPC_INFO, "info", self.rpc_info),
+            (RPC_FORWARD, "forward", self.rpc_forward),
+            (RPC_BACKWARD, "backward", self.rpc_backward),
         ]:
-            await p2p.add_protobuf_handler(name, handler, request_type, stream_input=True, stream_output=True)
+            await p2p.add_protobuf_handler(name, self._measured(rpc, unary), request_type)
+        for name, rpc, stream in [
+            (RPC_INFERENCE, "inference", self.rpc_inference),
+            (RPC_FORWARD_STREAM, "forward", self.rpc_forward_stream),
+            (RPC_BACKWARD_STREAM, "backward", self.rpc_backward_stream),
+        ]:
+            await p2p.add_protobuf_handler(
+                name, self._measured_stream(rpc, stream), request_type, stream_input=True, stream_output=True
+            )
+
+    def _measured(
+        self,
+        rpc: str,
+        handler: Callable[[runtime_pb2.ExpertRequest, P2PContext], Awaitable[runtime_pb2.ExpertResponse]],
+    ) -> Callable[[runtime_pb2.ExpertRequest, P2PContext], Awaitable[runtime_pb2.ExpertResponse]]:
+        async def measured(request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+            began, status, response = time.perf_counter(), "cancelled", None
+            self.metrics.in_flight.labels(rpc).inc()
+            try:
+                response = await handler(request, context)
+                status = _status_of(response)
+                return response
+            finally:
+                self.metrics.in_flight.labels(rpc).dec()
+                self.metrics.record_request(
+                    rpc,
+                    status,
+                    time.perf_counter() - began,
+                    request.ByteSize(),
+                    response.ByteSize() if response is not None else 0,
+                )
+
+        return measured
+
+    def _measured_stream(
+        self,
+        rpc: str,
+        handler: Callable[
+            [AsyncIterator[runtime_pb2.ExpertRequest], P2PContext], AsyncIterator[runtime_pb2.ExpertResponse]
+        ],
+    ) -> Callable[[AsyncIterator[runtime_pb2.ExpertRequest], P2PContext], AsyncIterator[runtime_pb2.ExpertResponse]]:
+        async def measured(
+            requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+            began, status, last_status, bytes_in, bytes_out = time.perf_counter(), "cancelled", "ok", 0, 0
+
+            async def counted() -> AsyncIterator[runtime_pb2.ExpertRequest]:
+                nonlocal bytes_in
+                async for request in requests:
+                    bytes_in += request.ByteSize()
+                    yield request
+
+            self.metrics.in_flight.labels(rpc).inc()
+            try:
+                async for response in handler(counted(), context):
+                    bytes_out += response.ByteSize()
+                    last_status = _status_of(response)  # an error reply is always a stream's last message
+                    yield response
+                status = last_status  # ended by the handler, not cancelled midway
+            finally:
+                self.metrics.in_flight.labels(rpc).dec()
+                self.metrics.record_request(rpc, status, time.perf_counter() - began, bytes_in, bytes_out)
+
+        return measured
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         return runtime_pb2.ExpertResponse(metadata=messages.pack_metadata(self._peer_info().to_wire()))
@@ -114,41 +183,44 @@ class BlockHandler:
             yield messages.error_response(self._classify(e, peer))
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        try:
-            metadata, tensors = messages.unpack_metadata(request.metadata), messages.tensors_of(request)
-            return messages.response([await self._forward(metadata, tensors)])
-        except Exception as e:
-            return messages.error_response(self._classify(e, short_id(context.remote_id)))
+        return await self._answer(request, context, self._forward)
 
     async def rpc_forward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        try:
-            metadata, tensors = await messages.read_chunked_messages(requests)
-            outputs = await self._forward(metadata, tensors)
-        except Exception as e:
-            yield messages.error_response(self._classify(e, short_id(context.remote_id)))
-            return
-        for message in messages.to_chunked_messages(runtime_pb2.ExpertResponse, [outputs]):
+        async for message in self._answer_stream(requests, context, self._forward):
             yield message
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        try:
-            metadata, tensors = messages.unpack_metadata(request.metadata), messages.tensors_of(request)
-            return messages.response([await self._backward(metadata, tensors)])
-        except Exception as e:
-            return messages.error_response(self._classify(e, short_id(context.remote_id)))
+        return await self._answer(request, context, self._backward)
 
     async def rpc_backward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async for message in self._answer_stream(requests, context, self._backward):
+            yield message
+
+    async def _answer(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext, compute: _SpanComputation
+    ) -> runtime_pb2.ExpertResponse:
+        """A stateless call in one message each way."""
+        try:
+            metadata, tensors = messages.unpack_metadata(request.metadata), messages.tensors_of(request)
+            return messages.response([await compute(metadata, tensors)])
+        except Exception as e:
+            return messages.error_response(self._classify(e, short_id(context.remote_id)))
+
+    async def _answer_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext, compute: _SpanComputation
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A stateless call whose payload is too large for one message: chunks in, chunks out."""
         try:
             metadata, tensors = await messages.read_chunked_messages(requests)
-            grads = await self._backward(metadata, tensors)
+            outputs = await compute(metadata, tensors)
         except Exception as e:
             yield messages.error_response(self._classify(e, short_id(context.remote_id)))
             return
-        for message in messages.to_chunked_messages(runtime_pb2.ExpertResponse, [grads]):
+        for message in messages.to_chunked_messages(runtime_pb2.ExpertResponse, [outputs]):
             yield message
 
     async def _inference_step(
@@ -172,14 +244,20 @@ class BlockHandler:
                 f"step would reach {step.position + hidden_states.shape[1]} tokens, "
                 f"the session was opened for {session_open.max_length}",
             )
-        return await self.runtime.inference_step(span, cache, hidden_states, step.position)
+        began = time.perf_counter()
+        outputs = await self.runtime.inference_step(span, cache, hidden_states, step.position)
+        self.metrics.record_step(time.perf_counter() - began)
+        self.metrics.record_tokens("prefill" if step.position == 0 else "decode", hidden_states.shape[:2].numel())
+        return outputs
 
     async def _forward(self, metadata: dict[str, Any], tensors: list[torch.Tensor]) -> torch.Tensor:
         span_request = SpanRequest.from_wire(metadata)
         span = self._span(span_request.start, span_request.end)
         (hidden_states,) = self._expect_tensors(tensors, 1)
         self._check_hidden(hidden_states, span, max_batch=self.limits.max_batch_size)
-        return await self.runtime.forward(span, hidden_states)
+        outputs = await self.runtime.forward(span, hidden_states)
+        self.metrics.record_tokens("forward", hidden_states.shape[:2].numel())
+        return outputs
 
     async def _backward(self, metadata: dict[str, Any], tensors: list[torch.Tensor]) -> torch.Tensor:
         span_request = SpanRequest.from_wire(metadata)
@@ -188,7 +266,9 @@ class BlockHandler:
         self._check_hidden(hidden_states, span, max_batch=self.limits.max_batch_size)
         if grad_outputs.shape != hidden_states.shape:
             raise _Refusal(ErrorKind.BAD_REQUEST, "gradients must have the shape of the hidden states")
-        return await self.runtime.backward(span, hidden_states, grad_outputs)
+        grads = await self.runtime.backward(span, hidden_states, grad_outputs)
+        self.metrics.record_tokens("backward", hidden_states.shape[:2].numel())
+        return grads
 
     async def _next_request(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest]
@@ -256,3 +336,11 @@ class BlockHandler:
             return ErrorReply(ErrorKind.BAD_REQUEST, str(error))
         logger.exception("Request from %s failed", peer)
         return ErrorReply(ErrorKind.INTERNAL, f"{type(error).__name__}: {error}")
+
+
+def _status_of(response: runtime_pb2.ExpertResponse) -> str:
+    """ "ok", or the kind of the `ErrorReply` it carries (replies with tensors are never errors: skip the decode)."""
+    if response.tensors or not response.metadata:
+        return "ok"
+    error = messages.error_of(messages.unpack_metadata(response.metadata))
+    return "ok" if error is None else error.kind.value

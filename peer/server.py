@@ -14,9 +14,11 @@ import sys
 
 import hivemind
 import torch
+from prometheus_client import CollectorRegistry
 from tqdm import tqdm
 
 import swarm
+from monitoring.peer_metrics import PeerMetrics, PeerStatistics, monotonic_to_unix, serving_metrics
 from peer.announcer import Announcer
 from peer.config import PeerConfig
 from peer.handler import BlockHandler, HandlerLimits
@@ -72,6 +74,29 @@ class Peer:
             self.server_info,
             config.update_period,
         )
+        self.metrics = PeerMetrics(CollectorRegistry())
+        self.metrics.set_peer(
+            version=swarm.__version__, model=config.model, model_prefix=self.model_prefix, start=config.start,
+            end=config.end, dtype=str(dtype).removeprefix("torch."), peer_id=dht.peer_id.to_base58(),
+        )  # fmt: skip
+        self.metrics.set_statistics_source(self.statistics)
+
+    def statistics(self) -> PeerStatistics:
+        """What a scrape reads; called from the metrics server's thread, so it only reads counters."""
+        cache, announcer = self.budget.statistics(), self.announcer.statistics()
+        last = announcer.last_success_monotonic
+        return PeerStatistics(
+            state=self.state.value,
+            cache_tokens_used=cache.tokens_used,
+            cache_tokens_limit=cache.tokens_limit,
+            sessions_active=cache.sessions_open,
+            sessions_total=cache.sessions_total,
+            cache_rejections_total=cache.rejections_total,
+            announcements_ok_total=announcer.successes_total,
+            announcements_failed_total=announcer.failures_total,
+            last_announce_timestamp_seconds=None if last is None else monotonic_to_unix(last),
+            announced_throughput=self.throughput,
+        )
 
     def server_info(self) -> ServerInfo:
         return ServerInfo(
@@ -114,12 +139,20 @@ class Peer:
         config = self.config
         for maddr in self.dht.get_visible_maddrs():
             logger.info("Peer %s reachable at: --initial-peers %s", short_id(self.dht.peer_id), maddr)
+        # from before loading, so that scrapes show the peer JOINING
+        with serving_metrics(self.metrics.registry, config.metrics_port, config.metrics_addr):
+            await self._serve(stop, hurry)
+
+    async def _serve(self, stop: asyncio.Event, hurry: asyncio.Event) -> None:
+        config = self.config
         await self.announcer.announce_now()  # JOINING: monitors see the peer while it loads
         block_slice = await asyncio.to_thread(self._load_blocks)
         self.throughput = await asyncio.to_thread(measure_decode_throughput, block_slice)
         runtime = BlockRuntime(block_slice)
         limits = HandlerLimits(config.inference_max_length, config.max_batch_size, config.session_idle_timeout)
-        handler = BlockHandler(runtime, self.budget, limits, self.peer_info, lambda: self.state.routable)
+        handler = BlockHandler(
+            runtime, self.budget, limits, self.peer_info, lambda: self.state.routable, metrics=self.metrics
+        )
         p2p = await self.dht.replicate_p2p()
         await handler.add_p2p_handlers(p2p)
         self.state = ServerState.ONLINE

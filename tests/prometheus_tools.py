@@ -1,0 +1,123 @@
+"""Helpers for tests that need Prometheus' own tools: `promtool` and `prometheus` from Debian's `prometheus` package.
+
+The package is installed on first use when missing and the tests run as root; elsewhere those tests skip and say why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+INSTALL_TIMEOUT_SECONDS = 240
+_T = TypeVar("_T")
+
+
+def require_prometheus_tools() -> tuple[str, str]:
+    """Paths of `promtool` and `prometheus`, installing Debian's `prometheus` package if needed and possible."""
+    if shutil.which("promtool") is None or shutil.which("prometheus") is None:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            pytest.skip("promtool/prometheus missing; install Debian's `prometheus` package (needs root and apt-get)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        command = ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"]
+        try:
+            if subprocess.run(command, env=env, capture_output=True, timeout=INSTALL_TIMEOUT_SECONDS).returncode != 0:
+                subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=INSTALL_TIMEOUT_SECONDS)
+                subprocess.run(command, env=env, capture_output=True, timeout=INSTALL_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+    promtool, prometheus = shutil.which("promtool"), shutil.which("prometheus")
+    if promtool is None or prometheus is None:
+        pytest.skip("could not install Debian's `prometheus` package (apt-get failed); promtool tests need it")
+    return promtool, prometheus
+
+
+def promtool(*args: str | os.PathLike[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    path, _ = require_prometheus_tools()
+    return subprocess.run([path, *map(os.fspath, args)], input=stdin, capture_output=True, text=True, timeout=60)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read().decode()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """{'name{label="value",...}': value} for every sample of a `/metrics` page, labels sorted by name."""
+    samples = {}
+    for family in text_string_to_metric_families(http_get(url)):
+        for sample in family.samples:
+            labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def query(prometheus_url: str, promql: str) -> list[dict[str, Any]]:
+    """The result vector of an instant query through Prometheus' HTTP API."""
+    reply = json.loads(http_get(f"{prometheus_url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"))
+    assert reply["status"] == "success", reply
+    return reply["data"]["result"]
+
+
+def wait_for(condition: Callable[[], _T | None], timeout: float, what: str, interval: float = 0.25) -> _T:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+MONITORING_DIR = Path(__file__).resolve().parents[1] / "monitoring"
+
+
+def rule_expressions(path: Path) -> list[str]:
+    """The PromQL of every rule in a Prometheus rule file."""
+    return [rule["expr"] for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"]]
+
+
+def dashboard_queries(path: Path) -> list[str]:
+    """The PromQL of every panel target and template variable of a Grafana dashboard."""
+    dashboard = json.loads(path.read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            queries.append(variable["definition"])
+    return queries
+
+
+def metric_names(promql: str) -> set[str]:
+    """blockswarm metric names a PromQL expression reads (`label_values(m, l)` included)."""
+    return set(re.findall(r"\bblockswarm_[a-z0-9_]*[a-z0-9]", promql))
+
+
+def monitoring_queries() -> dict[str, list[str]]:
+    """{file name: its PromQL} for every shipped dashboard and rule file."""
+    dashboards = sorted((MONITORING_DIR / "grafana" / "dashboards").glob("*.json"))
+    rules = sorted((MONITORING_DIR / "prometheus" / "rules").glob("*.yml"))
+    return {
+        **{path.name: dashboard_queries(path) for path in dashboards},
+        **{path.name: rule_expressions(path) for path in rules},
+    }
