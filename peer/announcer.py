@@ -52,7 +52,6 @@ class Announcer:
         self._successes = 0
         self._failures = 0
         self._last_success: float | None = None
-        self._wakeup = asyncio.Event()
 
     async def announce_now(self, *, timeout: float = ANNOUNCE_TIMEOUT_SECONDS) -> bool:
         """Store the current record now. Every record expires later than the one before (hivemind keeps the
@@ -78,20 +77,12 @@ class Announcer:
             logger.warning("The DHT did not store every record of blocks %d:%d; retrying", info.start, info.end)
         return ok
 
-    def wake(self) -> None:
-        """Announce at once (for example, after the state changed) instead of at the end of the period."""
-        self._wakeup.set()
-
     async def run(self, first_delay: float = 0.0) -> None:
         """Announce every `update_period` seconds, counted from the start of each round: a slow DHT round (an
         unresponsive node stalls stores) must not stretch the period past the records' lifetime."""
         delay = first_delay
         while True:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
-            except asyncio.TimeoutError:
-                pass
-            self._wakeup.clear()
+            await asyncio.sleep(delay)
             began = time.monotonic()
             await self.announce_now()
             delay = max(0.0, self.update_period - (time.monotonic() - began))

@@ -39,6 +39,7 @@ class _Conversation:
     def __init__(self, session: InferenceSession):
         self.session = session
         self.token_ids: torch.Tensor | None = None  # everything generate has returned so far
+        self.sent_ids: torch.Tensor | None = None  # the tokens whose hidden states the peers have processed
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -102,6 +103,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        if (kwargs.get("num_beams") or generation_config.num_beams or 1) > 1:
+            raise ConfigError("beam search is not supported: it reorders KV caches that live on the peers")
         conversation = self._conversation
         if conversation is None:
             max_length = _max_length_of(inputs, kwargs, self.generation_config)
@@ -139,11 +143,18 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             logits = self.client_modules.logits(hidden)
         else:
             session = conversation.session
+            sent = conversation.sent_ids
+            if sent is not None and not torch.equal(input_ids[:, : session.position], sent):
+                raise ConfigError(
+                    "these input_ids do not continue what this inference session has processed; "
+                    "open a new session for a different text"
+                )
             new_ids = input_ids[:, session.position :]
             if new_ids.shape[1] == 0:
                 raise ConfigError("no new tokens: the session has already processed this whole sequence")
             hidden = self.client_modules.embed(new_ids, session.position)
             outputs = run_sync(session.step(hidden))
+            conversation.sent_ids = input_ids.clone()
             logits = self.client_modules.logits(outputs.to(hidden.dtype))
         loss = None
         if labels is not None:

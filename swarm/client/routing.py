@@ -18,6 +18,7 @@ from swarm.errors import CacheFullError, MissingBlocksError
 
 HOP_OVERHEAD_SECONDS = 0.002  # serialization + stream bookkeeping per hop, measured on loopback (about 1-2 ms)
 UNKNOWN_LATENCY_SECONDS = 0.05  # for peers not pinged yet: assume a typical WAN round trip
+LATENCY_FLOOR_SECONDS = 0.005  # below this one probe's jitter (LAN, loopback, a busy host) exceeds the value
 # Each peer's cost is multiplied by a random factor in [1, 1 + COST_NOISE) per route: replicas whose costs are within
 # 1.5x of each other (one latency probe on a LAN varies that much) share sessions, and a peer at least twice as
 # costly as another is never preferred to it.
@@ -123,7 +124,7 @@ def choose_route(
 
 
 def _hop_cost(span: RemoteSpan, num_blocks: int, latencies: Mapping[str, float]) -> float:
-    latency = latencies.get(span.peer_id, UNKNOWN_LATENCY_SECONDS)
+    latency = max(latencies.get(span.peer_id, UNKNOWN_LATENCY_SECONDS), LATENCY_FLOOR_SECONDS)
     throughput = span.info.throughput  # tokens/s through all of the peer's blocks
     compute = num_blocks / (throughput * span.info.length) if throughput > 0 else 0.0
     return latency + compute + HOP_OVERHEAD_SECONDS

@@ -22,7 +22,7 @@ import torch
 from swarm.client.routing import Route, RouteSpan
 from swarm.client.swarm_client import SwarmClient
 from swarm.client.transport import InferenceStream
-from swarm.errors import RETRYABLE_ERRORS, ConfigError, PeerTimeout, SwarmError
+from swarm.errors import RETRYABLE_ERRORS, ConfigError, MissingBlocksError, PeerTimeout, RequestRejected, SwarmError
 from swarm.logs import short_id
 from swarm.protocol import InferenceOpen
 
@@ -55,6 +55,7 @@ class InferenceSession:
         self.reroutes = 0  # how many failed spans were replaced so far
         self._batch_size: int | None = None
         self._connections: list[_SpanConnection] = []
+        self._excluded: set[str] = set()  # peers that refused this session (full, leaving): not faulty, not banned
 
     @property
     def route(self) -> Route | None:
@@ -111,12 +112,20 @@ class InferenceSession:
         adaptive = config.hung_step_factor * max(connection.recent_step_seconds)
         return min(max(adaptive, config.min_step_timeout), config.request_timeout)
 
+    def _leave_out(self, peer_id: str, error: SwarmError) -> None:
+        """A failed peer is banned for everyone; one that only refused this session is skipped by it alone."""
+        if isinstance(error, RequestRejected):
+            logger.info("Peer %s refused the session (%s); trying others", short_id(peer_id), error)
+            self._excluded.add(peer_id)
+        else:
+            self.swarm.ban(peer_id, str(error))
+
     async def _replace(self, index: int, error: SwarmError) -> None:
         """Swap the failed connection at `index` for new ones over the same blocks, with their caches rebuilt."""
         failed = self._connections.pop(index)
         peer_id = getattr(error, "peer_id", None) or failed.span.peer_id
-        self.swarm.ban(peer_id, str(error))
-        failed.stream.abort()
+        self._leave_out(peer_id, error)
+        await failed.stream.abort()
         history = torch.cat(failed.inputs, dim=1) if failed.inputs else None
         span = failed.span
         last_error: SwarmError = error
@@ -124,9 +133,13 @@ class InferenceSession:
             began = time.perf_counter()
             try:
                 replacement = await self._connect(span.start, span.end, history, reuse_view=attempt == 1)
+            except MissingBlocksError:
+                if isinstance(last_error, RequestRejected):
+                    raise last_error from None  # every peer of these blocks is full or leaving: say so
+                raise
             except RETRYABLE_ERRORS as e:
                 if (failed_peer := getattr(e, "peer_id", None)) is not None:
-                    self.swarm.ban(failed_peer, str(e))
+                    self._leave_out(failed_peer, e)
                 last_error = e
                 continue
             self._connections[index:index] = replacement
@@ -149,7 +162,12 @@ class InferenceSession:
         """Streams over a fresh route for blocks [start, end); with `history`, replay it to rebuild their caches."""
         assert self._batch_size is not None
         route = await self.swarm.make_route(
-            start, end, min_cache_tokens=self.max_length * self._batch_size, reuse_view=reuse_view
+            start,
+            end,
+            min_cache_tokens=self.max_length * self._batch_size,
+            reuse_view=reuse_view,
+            exclude=self._excluded,
+            wait=not self._excluded,  # peers that are full or leaving will not come back within a step
         )
         p2p = await self.swarm.p2p()
         connections = [
@@ -170,7 +188,7 @@ class InferenceSession:
                     hidden_states = outputs
             except BaseException:
                 for connection in connections:
-                    connection.stream.abort()
+                    await connection.stream.abort()
                 raise
         for connection in connections:
             self.swarm.record_success(connection.span.peer_id)

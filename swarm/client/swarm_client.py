@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Collection
 
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
@@ -77,8 +78,18 @@ class SwarmClient:
         now = time.monotonic()
         return {peer for peer, until in self._banned_until.items() if until > now}
 
-    async def make_route(self, start: int, end: int, *, min_cache_tokens: int = 0, reuse_view: bool = False) -> Route:
-        """The best route over blocks [start, end) now; waits up to connect_timeout for missing blocks.
+    async def make_route(
+        self,
+        start: int,
+        end: int,
+        *,
+        min_cache_tokens: int = 0,
+        reuse_view: bool = False,
+        exclude: Collection[str] = (),
+        wait: bool = True,
+    ) -> Route:
+        """The best route over blocks [start, end) now, avoiding banned and `exclude`d peers; waits up to
+        connect_timeout for missing blocks to appear (unless `wait` is false).
 
         With `reuse_view` (rerouting around a failed peer), the first attempt routes over the unexpired records
         already known: a fresh DHT lookup could stall on the very peer that just hung.
@@ -98,12 +109,12 @@ class SwarmClient:
                     start,
                     end,
                     latencies={peer: seconds for peer, (seconds, _) in self._latencies.items()},
-                    banned=self.banned(),
+                    banned=self.banned() | set(exclude),
                     min_cache_tokens=min_cache_tokens,
                     rng=self._rng,
                 )
             except MissingBlocksError:
-                if time.monotonic() >= deadline:
+                if not wait or time.monotonic() >= deadline:
                     raise
                 await asyncio.sleep(COVERAGE_POLL_SECONDS)
                 continue
@@ -143,9 +154,12 @@ class SwarmClient:
             await asyncio.gather(*(self._ping(peer) for peer in stale))
 
     async def _ping(self, peer_id: str) -> None:
-        began = time.perf_counter()
+        """Round-trip time of an info call on a warm connection: the first call also dials and handshakes."""
+        p2p = await self.p2p()
         try:
-            await call_info(await self.p2p(), peer_id, self.config.ping_timeout)
+            await call_info(p2p, peer_id, self.config.ping_timeout)
+            began = time.perf_counter()
+            await call_info(p2p, peer_id, self.config.ping_timeout)
         except PeerError as e:
             self.ban(peer_id, str(e))
             return

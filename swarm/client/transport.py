@@ -171,10 +171,14 @@ class InferenceStream:
                 raise ProtocolError(f"reply of shape {list(outputs.shape)} for a step of shape {list(hidden.shape)}")
             return outputs
 
-    def abort(self) -> None:
-        """Give up on the stream without waiting for the peer (used once it is known to have failed)."""
+    async def abort(self) -> None:
+        """Give up on the stream without waiting for the peer (used once it is known to have failed); closing the
+        reply iterator closes hivemind's socket to the daemon."""
         self._requests.put_nowait(None)
-        self._replies = None
+        replies, self._replies = self._replies, None
+        if replies is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(replies.aclose(), timeout=1.0)
 
     async def close(self) -> None:
         """End the stream and wait briefly for the peer to end its side; the peer frees the session's cache."""

@@ -91,11 +91,6 @@ class Checkpoint:
     def statistics(self) -> CheckpointStatistics:
         return CheckpointStatistics(self._tensors_read, self._bytes_read, tuple(self._files_opened))
 
-    def total_bytes(self) -> int:
-        """Size of all weight files on disk (the local copy, for hub models only what is cached)."""
-        files = set(self._weight_map.values())
-        return sum(self._fetch(f).stat().st_size for f in files if self._is_available(f))
-
     def _resolve_dir(self) -> Path:
         """The directory holding config.json: local, or the cached snapshot of a hub id."""
         if self._local_dir is not None:

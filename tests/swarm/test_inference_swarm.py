@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from swarm import DistributedModelForCausalLM
+from swarm.errors import ConfigError
 from tests.model_factory import FIRST_ORDINARY_TOKEN, VOCAB_SIZE
 
 pytestmark = pytest.mark.slow
@@ -100,3 +101,15 @@ def test_model_dir_holds_no_blocks_on_the_client(
     block_parameters = sum(p.numel() for name, p in local.named_parameters() if ".h." in name or ".layers." in name)
     assert client_parameters < sum(p.numel() for p in local.parameters()) - block_parameters + 1
     assert not any(".h." in name or ".layers." in name for name, _ in distributed.named_parameters())
+
+
+def test_beam_search_and_diverging_inputs_are_refused(
+    swarm_and_local: tuple[DistributedModelForCausalLM, torch.nn.Module],
+) -> None:
+    distributed, _ = swarm_and_local
+    with pytest.raises(ConfigError, match="beam search"):
+        distributed.generate(_prompts(batch=1, length=4, seed=6), max_new_tokens=3, num_beams=2)
+    with distributed.inference_session(max_length=32):
+        distributed(_prompts(batch=1, length=4, seed=7))
+        with pytest.raises(ConfigError, match="do not continue"):
+            distributed(_prompts(batch=1, length=6, seed=8))  # a different text in the same session

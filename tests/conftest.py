@@ -1,0 +1,20 @@
+"""Fixtures shared by every test module."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _main_thread_event_loop() -> Iterator[None]:
+    """hivemind's MPFuture calls `asyncio.get_event_loop()`, which on the main thread creates a loop when a DHT is
+    started from synchronous code (as a client is). Own that loop for the whole session and close it at the end,
+    so it is neither dropped half-way nor reported as leaked. Tests run coroutines on loops of their own."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield
+    asyncio.set_event_loop(None)
+    loop.close()
