@@ -1,7 +1,7 @@
 """blockswarm monitoring: Prometheus exporters and the dashboards and alert rules that read them.
 
   * peer_metrics.py   metric names, help, buckets and label sets of a peer (`swarm-peer --metrics-port`),
-                      `PeerStatistics` (the scrape-time record a peer fills) and `serve_metrics`
+                      `PeerStatistics` (the scrape-time record a peer fills) and `serving_metrics`
   * prometheus/       an example `prometheus.yml`, alert rules in `rules/` and their `promtool test rules` tests
   * grafana/          dashboards (plain JSON with a `datasource` variable) and provisioning YAML
 

@@ -196,3 +196,22 @@ def test_draining_peer_finishes_open_sessions(make_swarm, connect, tiny_model_di
     monkeypatch.undo()
     second = distributed.generate(_prompt(seed=3), **{**OPTIONS, "max_new_tokens": 4, "min_new_tokens": 4})
     assert second.shape[1] == 6 + 4  # new sessions go to the remaining replica
+
+
+def test_peer_joining_later_is_used_by_new_sessions(make_swarm, connect, tiny_model_dir) -> None:
+    model_dir = tiny_model_dir("llama", 4)
+    local_swarm = make_swarm(model_dir, [(0, 4)])
+    distributed = connect(model_dir, local_swarm, **FAST_FAILURE)
+    local = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    options = {**OPTIONS, "max_new_tokens": 8, "min_new_tokens": 8}
+    first = local_swarm.peer_id(local_swarm.peers[0])
+    with distributed.inference_session(max_length=32) as session:
+        distributed.generate(_prompt(), **options)
+        assert session.route.spans[0].peer_id == first
+
+    newcomer = local_swarm.peer_id(local_swarm.add_peer(0, 4))
+    local_swarm.peers[0].kill()  # only the newcomer is left
+    with distributed.inference_session(max_length=32) as session:
+        result = distributed.generate(_prompt(), **options)
+        assert session.route.spans[0].peer_id == newcomer
+    assert torch.equal(result, local.generate(_prompt(), **options))

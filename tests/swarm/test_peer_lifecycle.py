@@ -8,11 +8,13 @@ import time
 import pytest
 import torch
 
+from swarm import messages
 from swarm.client._sync import run_sync
-from swarm.client.transport import call_forward
+from swarm.client.transport import call_backward, call_forward
 from swarm.errors import CacheFullError, RequestRejected
+from swarm.models import ModelSource, load_block_slice
 from swarm.process import descendants
-from swarm.protocol import ServerState, SpanRequest
+from swarm.protocol import MAX_UNARY_PAYLOAD_BYTES, ServerState, SpanRequest
 from tests.model_factory import FIRST_ORDINARY_TOKEN, VOCAB_SIZE
 
 pytestmark = pytest.mark.slow
@@ -104,3 +106,23 @@ def test_bad_requests_get_clear_errors_and_the_peer_keeps_serving(make_swarm, co
 
     assert forward(SpanRequest(1, 3), hidden).shape == hidden.shape  # still serving, sub-spans too
     assert distributed.generate(_prompt(4), max_new_tokens=3, do_sample=False).shape[1] == 7
+
+
+def test_payloads_above_the_unary_cap_are_streamed(make_swarm, connect, tiny_model_dir) -> None:
+    model_dir = tiny_model_dir("llama", 4)
+    local_swarm = make_swarm(model_dir, [(0, 4)])
+    distributed = connect(model_dir, local_swarm)
+    peer_id = run_sync(distributed.swarm.wait_blocks_covered(timeout=30)).spans[0].peer_id
+    p2p = run_sync(distributed.swarm.p2p())
+    hidden = torch.randn(8, 2100, 64, generator=torch.Generator().manual_seed(0))  # 4.3 MB, over the 4 MiB cap
+    assert messages.payload_bytes([hidden]) > MAX_UNARY_PAYLOAD_BYTES
+    span = SpanRequest(0, 4)
+    outputs = run_sync(call_forward(p2p, peer_id, span, hidden, timeout=120))
+    grads = run_sync(call_backward(p2p, peer_id, span, hidden, torch.ones_like(hidden), timeout=120))
+
+    blocks = load_block_slice(ModelSource.open(model_dir), 0, 4)
+    inputs = hidden.clone().requires_grad_(True)
+    expected = blocks(inputs)
+    expected.backward(torch.ones_like(expected))
+    torch.testing.assert_close(outputs, expected.detach(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(grads, inputs.grad, atol=1e-4, rtol=0)
