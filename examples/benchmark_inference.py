@@ -4,9 +4,11 @@
 
 Both sides run in the same invocation on the same machine: a seeded random Llama with the shape of the reference
 measurement (hidden 512, 8 layers, ~58M parameters) is saved, split over two `swarm-peer` processes
-(blocks 0:4 and 4:8, one torch thread each) behind a `swarm-dht` node on 127.0.0.1, and compared with
-`AutoModelForCausalLM.generate` in this process. Greedy decoding with a fixed number of new tokens; medians over
-repeats. Decode rate = (N - 1) / (time for N tokens - time for 1 token), so it excludes the prompt.
+(blocks 0:4 and 4:8) behind a `swarm-dht` node on 127.0.0.1, and compared with `AutoModelForCausalLM.generate`
+in this process (`--threads`, default 2: this machine's cores) with one torch thread per peer (`--peer-threads`).
+Set OMP_WAIT_POLICY=PASSIVE to stop idle OpenMP threads spinning; it slows local generate more than the swarm.
+Greedy decoding with a fixed number of new tokens; medians over repeats. Decode rate = (N - 1) / (time for
+N tokens - time for 1 token), so it excludes the prompt.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of this process (client and local)")
+    parser.add_argument(
+        "--peer-threads", type=int, default=1, help="torch threads per peer (2 measured slower here: idle spinning)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -77,7 +82,7 @@ def main() -> None:
             )  # fmt: skip
             expected = local.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **options)
 
-        with LocalSwarm(model_dir, [(0, 4), (4, 8)], num_threads=1) as local_swarm:
+        with LocalSwarm(model_dir, [(0, 4), (4, 8)], num_threads=args.peer_threads) as local_swarm:
             initial_peers = local_swarm.initial_peers
             distributed = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=initial_peers)
             try:
@@ -93,6 +98,7 @@ def main() -> None:
 
     results = {
         "model": f"llama hidden 512, 8 layers, {parameters / 1e6:.0f}M parameters, float32",
+        "threads": {"local_and_client": args.threads, "per_peer": args.peer_threads},
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
