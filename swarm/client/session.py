@@ -72,9 +72,15 @@ class InferenceSession:
             )
         if self._batch_size is None:
             self._batch_size = batch
-            self._connections = await self._connect(0, self.swarm.num_blocks, history=None)
+            try:
+                self._connections = await self._connect(0, self.swarm.num_blocks, history=None)
+            except BaseException:
+                self._batch_size = None  # not opened: a later step opens it afresh
+                raise
         elif batch != self._batch_size:
             raise ConfigError(f"the session was opened for batch size {self._batch_size}, this step has {batch}")
+        if not self._connections:
+            raise ConfigError("this inference session is closed")
         index = 0
         while index < len(self._connections):
             connection = self._connections[index]

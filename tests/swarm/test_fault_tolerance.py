@@ -161,6 +161,16 @@ def test_missing_blocks_raise_a_clear_error_in_bounded_time(make_swarm, connect,
     assert error.value.block_indices == [2, 3]
     assert time.monotonic() - began < distributed.swarm.config.connect_timeout + 15
 
+    monkeypatch.undo()
+    local = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    options = {**OPTIONS, "max_new_tokens": 6, "min_new_tokens": 6}
+    with distributed.inference_session(max_length=32):
+        with pytest.raises(MissingBlocksError):  # the session cannot open yet ...
+            distributed.generate(_prompt(), **options)
+        local_swarm.add_peer(2, 4)
+        result = distributed.generate(_prompt(), **options)  # ... and opens once the blocks are served
+    assert torch.equal(result, local.generate(_prompt(), **options))
+
 
 def test_restarted_peer_with_same_identity_is_used_after_its_ban(make_swarm, connect, tiny_model_dir, tmp_path) -> None:
     model_dir = tiny_model_dir("llama", 4)
