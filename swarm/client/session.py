@@ -138,7 +138,7 @@ class InferenceSession:
         for attempt in range(1, self.swarm.config.max_retries + 1):
             began = time.perf_counter()
             try:
-                replacement = await self._connect(span.start, span.end, history, reuse_view=attempt == 1)
+                replacement = await self._connect(span.start, span.end, history)
             except MissingBlocksError:
                 if isinstance(last_error, RequestRejected):
                     raise last_error from None  # every peer of these blocks is full or leaving: say so
@@ -162,16 +162,13 @@ class InferenceSession:
             f"last error: {last_error}"
         ) from last_error
 
-    async def _connect(
-        self, start: int, end: int, history: torch.Tensor | None, *, reuse_view: bool = False
-    ) -> list[_SpanConnection]:
+    async def _connect(self, start: int, end: int, history: torch.Tensor | None) -> list[_SpanConnection]:
         """Streams over a fresh route for blocks [start, end); with `history`, replay it to rebuild their caches."""
         assert self._batch_size is not None
         route = await self.swarm.make_route(
             start,
             end,
             min_cache_tokens=self.max_length * self._batch_size,
-            reuse_view=reuse_view,
             exclude=self._excluded,
             wait=not self._excluded,  # peers that are full or leaving will not come back within a step
         )

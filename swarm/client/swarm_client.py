@@ -46,12 +46,31 @@ class SwarmClient:
         self._latencies: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
         self._banned_until: dict[str, float] = {}
         self._failures_in_a_row: dict[str, int] = {}
+        self._refreshing: asyncio.Task[None] | None = None
         self._rng = random.Random()
 
     async def p2p(self) -> P2P:
         if self._p2p is None:
             self._p2p = await self.dht.replicate_p2p()
         return self._p2p
+
+    async def known_view(self) -> SwarmView:
+        """The unexpired records already known, at once; stale ones (older than view_max_age) are re-read in the
+        background, so opening a session or rerouting never waits on a DHT lookup (which may even stall on the
+        very peer that just hung). Only the first call reads the DHT on the spot."""
+        if self._view is None:
+            return await self.view(max_age=0)
+        if time.monotonic() - self._view_time > self.config.view_max_age and (
+            self._refreshing is None or self._refreshing.done()
+        ):
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_view())
+        return self._view.unexpired(get_dht_time())
+
+    async def _refresh_view(self) -> None:
+        try:
+            await self.view(max_age=0)
+        except Exception:
+            logger.debug("Refreshing the swarm view failed; the next route tries again", exc_info=True)
 
     async def view(self, max_age: float | None = None) -> SwarmView:
         max_age = self.config.view_max_age if max_age is None else max_age
@@ -84,23 +103,19 @@ class SwarmClient:
         end: int,
         *,
         min_cache_tokens: int = 0,
-        reuse_view: bool = False,
         exclude: Collection[str] = (),
         wait: bool = True,
     ) -> Route:
         """The best route over blocks [start, end) now, avoiding banned and `exclude`d peers; waits up to
         connect_timeout for missing blocks to appear (unless `wait` is false).
 
-        With `reuse_view` (rerouting around a failed peer), the first attempt routes over the unexpired records
-        already known: a fresh DHT lookup could stall on the very peer that just hung.
+        The first attempt routes over the records already known (`known_view`); later ones read the DHT afresh.
+        A stale pick costs little: a peer that is gone fails the first step and the session routes around it.
         """
         deadline = time.monotonic() + self.config.connect_timeout
         attempt = 0
         while True:
-            if attempt == 0 and reuse_view and self._view is not None:
-                view = self._view.unexpired(get_dht_time())
-            else:
-                view = await self.view(max_age=0 if attempt else None)
+            view = await (self.known_view() if attempt == 0 else self.view(max_age=0))
             attempt += 1
             await self._measure_latencies(view)
             try:
@@ -135,6 +150,8 @@ class SwarmClient:
 
     def close(self) -> None:
         """Leave the swarm: stop this client's P2P replica, then its DHT process and p2pd."""
+        if self._refreshing is not None:
+            self._refreshing.get_loop().call_soon_threadsafe(self._refreshing.cancel)
         if self._p2p is not None:
             with contextlib.suppress(Exception):
                 run_sync(self._p2p.shutdown(), timeout=5.0)
