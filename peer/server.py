@@ -62,6 +62,7 @@ class Peer:
         self.config = config
         self.source = source
         self.dtype = dtype
+        self.dtype_name = str(dtype).removeprefix("torch.")  # as announced and logged: "float32", "bfloat16"
         self.dht = dht
         self.model_prefix = config.model_prefix or model_prefix_for(config.model)
         self.state = ServerState.JOINING
@@ -77,7 +78,7 @@ class Peer:
         self.metrics = PeerMetrics(CollectorRegistry())
         self.metrics.set_peer(
             version=swarm.__version__, model=config.model, model_prefix=self.model_prefix, start=config.start,
-            end=config.end, dtype=str(dtype).removeprefix("torch."), peer_id=dht.peer_id.to_base58(),
+            end=config.end, dtype=self.dtype_name, peer_id=dht.peer_id.to_base58(),
         )  # fmt: skip
         self.metrics.set_statistics_source(self.statistics)
 
@@ -105,7 +106,7 @@ class Peer:
             end=self.config.end,
             throughput=self.throughput,
             cache_tokens_left=self.budget.statistics().tokens_left,
-            dtype=str(self.dtype).removeprefix("torch."),
+            dtype=self.dtype_name,
             version=swarm.__version__,
             protocol_version=PROTOCOL_VERSION,
             public_name=self.config.public_name,
@@ -120,7 +121,7 @@ class Peer:
             model=self.config.model,
             start=self.config.start,
             end=self.config.end,
-            dtype=str(self.dtype).removeprefix("torch."),
+            dtype=self.dtype_name,
             hidden_size=self.source.config.hidden_size,
             cache_tokens_left=self.budget.statistics().tokens_left,
             inference_max_length=self.config.inference_max_length,
@@ -161,7 +162,7 @@ class Peer:
         logger.info(
             "Serving blocks %d:%d of %s (prefix %s) on %s in %s, %.1f tokens/s",
             config.start, config.end, config.model, self.model_prefix, config.device,
-            str(self.dtype).removeprefix("torch."), self.throughput,
+            self.dtype_name, self.throughput,
         )  # fmt: skip
         try:
             await stop.wait()

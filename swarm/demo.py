@@ -27,14 +27,14 @@ from swarm.client.remote_model import AutoDistributedModelForCausalLM
 from swarm.config import ClientConfig
 from swarm.demo_model import demo_model_dir, ensure_demo_model, is_complete
 from swarm.errors import ConfigError, SwarmError
+from swarm.logs import short_id
 from swarm.models import ModelSource
 from swarm.process import ProcessExitedError, SwarmProcess
-from swarm.testing import SERVING_LINE, LocalSwarm
+from swarm.testing import PEER_ID_LINE, SERVING_LINE, LocalSwarm
 
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_SECONDS = 180.0  # a peer imports torch and loads its blocks; slow on a busy 2-core machine
-PEER_ID_LINE = r"Peer (\S+) reachable at"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +145,6 @@ def _started(wait: Callable[[], object], what: str) -> None:
 
 def _peer_id(peer: SwarmProcess) -> str:
     try:
-        return peer.wait_for_line(PEER_ID_LINE, timeout=1.0).group(1)
+        return short_id(peer.wait_for_line(PEER_ID_LINE, timeout=1.0).group(1))
     except (ProcessExitedError, TimeoutError):
         return f"pid {peer.pid}"

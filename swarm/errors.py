@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from swarm.logs import short_id
+
 
 class SwarmError(Exception):
     """Base of every error raised on purpose by blockswarm."""
@@ -77,7 +79,7 @@ class PeerError(SwarmError):
 
     def __init__(self, peer_id: str, message: str):
         self.peer_id = peer_id
-        super().__init__(f"peer …{peer_id[-6:]}: {message}")
+        super().__init__(f"peer {short_id(peer_id)}: {message}")
 
 
 class PeerTimeout(PeerError):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from swarm.directory import RemoteSpan, SwarmView
 from swarm.errors import CacheFullError, MissingBlocksError
+from swarm.logs import short_id
 
 HOP_OVERHEAD_SECONDS = 0.002  # serialization + stream bookkeeping per hop, measured on loopback (about 1-2 ms)
 UNKNOWN_LATENCY_SECONDS = 0.05  # for peers not pinged yet: assume a typical WAN round trip
@@ -51,7 +52,7 @@ class Route:
         return self.spans[-1].end
 
     def describe(self) -> str:
-        return " => ".join(f"{s.start}:{s.end} via …{s.peer_id[-6:]}" for s in self.spans)
+        return " => ".join(f"{s.start}:{s.end} via {short_id(s.peer_id)}" for s in self.spans)
 
 
 def choose_route(

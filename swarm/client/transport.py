@@ -28,6 +28,7 @@ from swarm.errors import (
     ProtocolError,
     RequestRejected,
 )
+from swarm.logs import short_id
 from swarm.protocol import (
     MAX_UNARY_PAYLOAD_BYTES,
     RPC_BACKWARD,
@@ -65,11 +66,11 @@ def raise_for_error(peer_id: str, reply: ErrorReply | None) -> None:
     if reply is None:
         return
     if reply.kind is ErrorKind.CACHE_FULL:
-        raise CacheFullError(f"peer …{peer_id[-6:]}: {reply.message}", peer_id)
+        raise CacheFullError(f"peer {short_id(peer_id)}: {reply.message}", peer_id)
     if reply.kind is ErrorKind.UNAVAILABLE:
-        raise PeerLeaving(f"peer …{peer_id[-6:]}: {reply.message}", peer_id)
+        raise PeerLeaving(f"peer {short_id(peer_id)}: {reply.message}", peer_id)
     if reply.kind is ErrorKind.BAD_REQUEST:
-        raise InvalidRequest(f"peer …{peer_id[-6:]} refused the request: {reply.message}", peer_id)
+        raise InvalidRequest(f"peer {short_id(peer_id)} refused the request: {reply.message}", peer_id)
     raise PeerProtocolError(peer_id, f"failed: {reply.message}")
 
 
