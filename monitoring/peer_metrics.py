@@ -59,6 +59,7 @@ class PeerStatistics:
     announcements_failed_total: int
     last_announce_timestamp_seconds: float | None  # Unix time of the last stored announcement; None before one
     announced_throughput: float  # tokens/s this peer puts in the DHT
+    dht_peers_seen: int  # peers in this peer's DHT routing table
 
 
 class PeerMetrics:
@@ -212,6 +213,11 @@ class _ScrapeTimeCollector(Collector):
             f"{NAMESPACE}_peer_announced_throughput_tokens_per_second",
             "Decode throughput this peer announces in the DHT",
             value=stats.announced_throughput,
+        )
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_dht_peers_seen",
+            "Other DHT nodes in this peer's routing table, read at its last announcement",
+            value=stats.dht_peers_seen,
         )
 
 

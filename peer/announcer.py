@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from hivemind import DHT
 
 from swarm.asyncio_compat import asyncio_timeout
-from swarm.directory import announce_blocks, announce_model
+from swarm.directory import announce_blocks, announce_model, count_dht_peers
 from swarm.protocol import ModelRecord, ServerInfo
 
 logger = logging.getLogger(__name__)
@@ -24,6 +24,7 @@ class AnnouncerStatistics:
     successes_total: int
     failures_total: int
     last_success_monotonic: float | None
+    dht_peers_seen: int  # routing-table size at the last announcement
 
 
 class Announcer:
@@ -52,6 +53,7 @@ class Announcer:
         self._successes = 0
         self._failures = 0
         self._last_success: float | None = None
+        self._dht_peers_seen = 0
 
     async def announce_now(self, *, timeout: float = ANNOUNCE_TIMEOUT_SECONDS) -> bool:
         """Store the current record now. Every record expires later than the one before (hivemind keeps the
@@ -61,6 +63,7 @@ class Announcer:
             async with asyncio_timeout(timeout):  # the DHT or its p2pd may already be gone
                 ok = await announce_blocks(self.dht, self.model_prefix, self.peer_id, info, self.expiration)
                 ok &= await announce_model(self.dht, self.model_prefix, self.model_record, self.expiration)
+                self._dht_peers_seen = await count_dht_peers(self.dht)
         except TimeoutError:
             logger.warning(
                 "The DHT did not answer within %.0f s while announcing blocks %d:%d", timeout, info.start, info.end
@@ -88,4 +91,4 @@ class Announcer:
             delay = max(0.0, self.update_period - (time.monotonic() - began))
 
     def statistics(self) -> AnnouncerStatistics:
-        return AnnouncerStatistics(self._successes, self._failures, self._last_success)
+        return AnnouncerStatistics(self._successes, self._failures, self._last_success, self._dht_peers_seen)

@@ -97,6 +97,7 @@ class Peer:
             announcements_failed_total=announcer.failures_total,
             last_announce_timestamp_seconds=None if last is None else monotonic_to_unix(last),
             announced_throughput=self.throughput,
+            dht_peers_seen=announcer.dht_peers_seen,
         )
 
     def server_info(self) -> ServerInfo:

@@ -7,7 +7,9 @@ Malformed records are dropped here, with a debug line, and never reach routing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -15,6 +17,7 @@ from typing import Any
 
 from hivemind import DHT
 from hivemind.dht.node import DHTNode
+from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from swarm.errors import ProtocolError
@@ -121,6 +124,31 @@ async def read_models(dht: DHT) -> dict[str, ModelRecord]:
         except ProtocolError as e:
             logger.debug("Dropping malformed model record %s: %s", prefix, e)
     return models
+
+
+async def count_dht_peers(dht: DHT) -> int:
+    """Peers in this DHT node's routing table: how much of the swarm it can reach without a lookup."""
+    return await dht.run_coroutine(_routing_table_size, return_future=True)
+
+
+async def ping_dht_peers(dht: DHT, peer_ids: Sequence[str]) -> dict[str, float | None]:
+    """peer id -> round-trip seconds of a DHT ping, or None where the peer did not answer (within the DHT's
+    wait timeout). Works for any DHT node, bootstrap nodes included."""
+    return await dht.run_coroutine(partial(_ping_many, peer_ids=list(peer_ids)), return_future=True)
+
+
+async def _routing_table_size(_dht: DHT, node: DHTNode) -> int:
+    return len(node.protocol.routing_table.peer_id_to_uid)
+
+
+async def _ping_many(_dht: DHT, node: DHTNode, peer_ids: Sequence[str]) -> dict[str, float | None]:
+    async def ping(peer_id: str) -> float | None:
+        began = time.perf_counter()
+        answered = await node.protocol.call_ping(PeerID.from_base58(peer_id))
+        return time.perf_counter() - began if answered is not None else None
+
+    seconds = await asyncio.gather(*map(ping, peer_ids))
+    return dict(zip(peer_ids, seconds, strict=True))
 
 
 async def _store_many(

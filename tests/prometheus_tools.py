@@ -5,6 +5,7 @@ The package is installed on first use when missing and the tests run as root; el
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -91,6 +92,45 @@ def wait_for(condition: Callable[[], _T | None], timeout: float, what: str, inte
 
 
 MONITORING_DIR = Path(__file__).resolve().parents[1] / "monitoring"
+
+
+@contextlib.contextmanager
+def running_prometheus(work: Path, jobs: dict[str, list[str]], timeout: float = 60.0) -> Iterator[str]:
+    """A real Prometheus on 127.0.0.1 scraping `jobs` ({job name: ["host:port", ...]}) every second, with the
+    shipped alert rules loaded; yields its base URL and stops it by PID."""
+    from swarm.process import SwarmProcess
+
+    _, binary = require_prometheus_tools()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(path) for path in sorted((MONITORING_DIR / "prometheus" / "rules").glob("*.yml"))],
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": targets}]} for job, targets in jobs.items()
+        ],
+    }
+    (work / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    port = free_port()
+    process = SwarmProcess(
+        [
+            binary,
+            f"--config.file={work / 'prometheus.yml'}",
+            f"--storage.tsdb.path={work / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        name="prometheus",
+    )
+    try:
+        process.wait_for_line("Server is ready to receive web requests", timeout)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+
+
+def rule_health_errors(prometheus_url: str) -> list[str]:
+    """Names of loaded rules Prometheus failed to evaluate; asserts some rules are loaded."""
+    groups = json.loads(http_get(f"{prometheus_url}/api/v1/rules"))["data"]["groups"]
+    assert groups, "Prometheus loaded no rule groups"
+    return [rule["name"] for group in groups for rule in group["rules"] if rule["health"] == "err"]
 
 
 def rule_expressions(path: Path) -> list[str]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from swarm.client.metrics import client_metrics
 from swarm.client.routing import Route, RouteSpan
 from swarm.client.swarm_client import SwarmClient
 from swarm.client.transport import InferenceStream
@@ -56,6 +57,8 @@ class InferenceSession:
         self._batch_size: int | None = None
         self._connections: list[_SpanConnection] = []
         self._excluded: set[str] = set()  # peers that refused this session (full, leaving): not faulty, not banned
+        self._metrics = client_metrics()
+        self._last_output_time: float | None = None  # perf_counter() when the last step's output arrived
 
     @property
     def route(self) -> Route | None:
@@ -64,6 +67,7 @@ class InferenceSession:
 
     async def step(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Run [batch, seq, hidden] states that start at `position` through all blocks."""
+        began = time.perf_counter()
         batch, seq = hidden_states.shape[:2]
         if self.position + seq > self.max_length:
             raise ConfigError(
@@ -77,6 +81,7 @@ class InferenceSession:
             except BaseException:
                 self._batch_size = None  # not opened: a later step opens it afresh
                 raise
+            self._metrics.sessions.inc()
         elif batch != self._batch_size:
             raise ConfigError(f"the session was opened for batch size {self._batch_size}, this step has {batch}")
         if not self._connections:
@@ -93,7 +98,16 @@ class InferenceSession:
             hidden_states = outputs
             index += 1
         self.position += seq
+        self._record_timing(began, seq)
         return hidden_states
+
+    def _record_timing(self, began: float, seq: int) -> None:
+        now = time.perf_counter()
+        if self._last_output_time is None:
+            self._metrics.time_to_first_token.observe(now - began)
+        elif seq == 1:  # a new prompt in a conversation is not an inter-token gap
+            self._metrics.inter_token.observe(now - self._last_output_time)
+        self._last_output_time = now
 
     async def close(self) -> None:
         for connection in self._connections:
@@ -150,6 +164,7 @@ class InferenceSession:
                 continue
             self._connections[index:index] = replacement
             self.reroutes += 1
+            self._metrics.reroutes.inc()
             logger.warning(
                 "Rerouted blocks %d:%d away from %s (%s) after %d attempt(s), replayed %d tokens in %.2f s: %s",
                 span.start, span.end, short_id(peer_id), type(error).__name__, attempt,

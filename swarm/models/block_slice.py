@@ -35,7 +35,10 @@ class BlockSlice(nn.Module):
         self.layout = layout
         self.start = start
         self.end = end
-        self._takes_position_ids = "position_ids" in inspect.signature(base_model.forward).parameters
+        parameters = inspect.signature(base_model.forward).parameters
+        self._takes_position_ids = "position_ids" in parameters
+        # transformers renamed `past_key_values` to `cache` in 5.24 and warns on the old name
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
 
     @property
     def config(self):
@@ -91,7 +94,7 @@ class BlockSlice(nn.Module):
             raise ValueError(f"hidden states must be [batch, seq, {self.hidden_size}], got {list(hidden_states.shape)}")
         if cache is not None and cache.get_seq_length() != position:
             raise ValueError(f"step starts at position {position}, but the cache holds {cache.get_seq_length()} tokens")
-        kwargs = {}
+        kwargs = {self._cache_argument: cache}
         if self._takes_position_ids:
             batch, seq = hidden_states.shape[:2]
             positions = torch.arange(position, position + seq, device=hidden_states.device)
@@ -99,7 +102,6 @@ class BlockSlice(nn.Module):
         output = self.base_model(
             inputs_embeds=hidden_states,
             attention_mask=attention_mask,
-            past_key_values=cache,
             use_cache=cache is not None,
             **kwargs,
         )

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM
 
 from swarm.client import remote_blocks
@@ -90,10 +91,12 @@ def _restore(local_swarm: LocalSwarm, victim: SwarmProcess | None) -> None:
 def test_reroutes_when_peer_dies_mid_generation(replicated, monkeypatch, at_step: int, span_index: int) -> None:
     local_swarm, distributed, local = replicated
     failure = FailDuringStep(local_swarm, at_step=at_step, span_index=span_index).install(monkeypatch)
+    reroutes_before = REGISTRY.get_sample_value("blockswarm_client_reroutes_total") or 0.0
     with distributed.inference_session(max_length=80) as session:
         result = distributed.generate(_prompt(), **OPTIONS)
     assert failure.victim is not None and failure.victim.returncode is not None
     assert session.reroutes == 1
+    assert REGISTRY.get_sample_value("blockswarm_client_reroutes_total") == reroutes_before + 1  # exported
     assert torch.equal(result, local.generate(_prompt(), **OPTIONS))
     monkeypatch.undo()
     _restore(local_swarm, failure.victim)

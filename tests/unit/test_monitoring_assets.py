@@ -35,7 +35,7 @@ def test_label_sets_follow_the_protocol() -> None:
 def test_peer_metrics_exposition_passes_promtool() -> None:
     metrics = PeerMetrics(CollectorRegistry())
     metrics.set_peer(version="0", model="m", model_prefix="m", start=2, end=5, dtype="float32", peer_id="QmPeer")
-    metrics.set_statistics_source(lambda: PeerStatistics("online", 10, 100, 1, 3, 1, 4, 0, 1.7e9, 12.5))
+    metrics.set_statistics_source(lambda: PeerStatistics("online", 10, 100, 1, 3, 1, 4, 0, 1.7e9, 12.5, 2))
     metrics.record_request("inference", "ok", 0.2, 100, 200)
     metrics.record_tokens("prefill", 7)
     metrics.record_step(0.01)
@@ -104,7 +104,7 @@ def test_dashboard_is_plain_json_on_the_datasource_variable(path: Path) -> None:
 def test_dashboard_queries_are_valid_promql(path: Path, tmp_path: Path) -> None:
     """Grafana's variables replaced by values, each query becomes a recording rule that promtool must accept."""
     queries = [query for query in dashboard_queries(path) if not query.startswith("label_values(")]
-    grafana_values = {"$__rate_interval": "5m", "$instance": ".*"}
+    grafana_values = {"$__rate_interval": "5m", "$instance": ".*", "$model": ".*"}
     rules = []
     for i, query in enumerate(queries):
         for variable, value in grafana_values.items():
