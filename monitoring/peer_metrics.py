@@ -37,6 +37,7 @@ RPCS = ("info", "inference", "forward", "backward")
 # went away mid-request.
 STATUSES = ("ok", "bad_request", "cache_full", "unavailable", "internal", "cancelled")
 PHASES = ("prefill", "decode", "forward", "backward")
+STEP_PHASES = ("prefill", "decode")  # inference steps
 STATES = ("joining", "online", "draining", "offline")  # swarm.protocol.ServerState
 DIRECTIONS = ("in", "out")
 ANNOUNCE_STATUSES = ("ok", "failed")
@@ -96,7 +97,8 @@ class PeerMetrics:
         )
         self.step_duration = Histogram(
             f"{NAMESPACE}_inference_step_duration_seconds",
-            "Compute time of one inference step over the requested span",
+            "Compute time of one inference step over the requested span, by phase (prefill: more than one token)",
+            ["phase"],
             buckets=STEP_BUCKETS,
             registry=registry,
         )
@@ -113,6 +115,8 @@ class PeerMetrics:
                 self.requests.labels(rpc, status)
         for phase in PHASES:
             self.tokens.labels(phase)
+        for phase in STEP_PHASES:
+            self.step_duration.labels(phase)
         for direction in DIRECTIONS:
             self.network_bytes.labels(direction)
         self._scrape_time = _ScrapeTimeCollector()
@@ -151,8 +155,10 @@ class PeerMetrics:
     def record_tokens(self, phase: str, tokens: int) -> None:
         self.tokens.labels(phase).inc(tokens)
 
-    def record_step(self, seconds: float) -> None:
-        self.step_duration.observe(seconds)
+    def record_step(self, phase: str, seconds: float, tokens: int) -> None:
+        """One inference step of `tokens` token positions (batch rows times sequence length)."""
+        self.step_duration.labels(phase).observe(seconds)
+        self.tokens.labels(phase).inc(tokens)
 
 
 class _ScrapeTimeCollector(Collector):

@@ -8,7 +8,7 @@ import sys
 import configargparse
 import torch
 
-from peer.config import PeerConfig, parse_blocks
+from peer.config import PeerConfig, parse_blocks, parse_size
 from peer.server import run_peer
 from swarm.errors import SwarmError
 from swarm.logs import setup_logging
@@ -32,11 +32,29 @@ def build_parser() -> configargparse.ArgumentParser:
         config_file_parser_class=configargparse.YAMLConfigFileParser,
         formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
     )
-    defaults = PeerConfig(model="", start=0, end=1, new_swarm=True)
+    defaults = PeerConfig(model="", new_swarm=True)
     add = parser.add_argument
     add("--config", is_config_file=True, help="YAML file with any of these options")
     add("model", help="model directory or Hugging Face id (loaded through the Hugging Face cache)")
-    add("--blocks", required=True, help="half-open range of blocks to serve, like a Python slice: 0:12")
+    add("--blocks", help="half-open range of blocks to serve, like a Python slice: 0:12 "
+        "(default: as many as fit, where the swarm is weakest, moving when that helps the swarm)")  # fmt: skip
+    add("--num-blocks", "--num_blocks", type=int, default=None,
+        help="without --blocks: how many blocks to host (default: as many as --memory-budget holds)")  # fmt: skip
+    add("--memory-budget", "--memory_budget", default=None,
+        help="without --blocks: memory for weights and KV cache, e.g. 8GiB "
+        "(default: free memory less a margin)")  # fmt: skip
+    add("--start-jitter", "--start_jitter", type=float, default=defaults.start_jitter,
+        help="without --blocks: wait up to this many seconds (random) before choosing, so peers started "
+        "together choose apart")  # fmt: skip
+    add("--balance-period", "--balance_period", type=float, default=defaults.balance_period,
+        help="without --blocks: mean seconds between checks whether moving would help the swarm "
+        "(randomised; 0: never move)")  # fmt: skip
+    add("--balance-min-improvement", "--balance_min_improvement", type=float,
+        default=defaults.balance_min_improvement,
+        help="move only if the swarm's weakest block gets this much faster (0.2: 20%%), "
+        "or to cover missing blocks")  # fmt: skip
+    add("--network-bandwidth", "--network_bandwidth", type=float, default=defaults.network_bandwidth,
+        help="Mbit/s this peer's link carries; caps the throughput it announces")  # fmt: skip
     add(
         "--initial-peers",
         "--initial_peers",
@@ -102,6 +120,12 @@ def main(argv: list[str] | None = None) -> None:
             revision=args.revision,
             metrics_port=args.metrics_port,
             metrics_addr=args.metrics_addr,
+            num_blocks=args.num_blocks,
+            memory_budget=parse_size(args.memory_budget),
+            start_jitter=args.start_jitter,
+            balance_period=args.balance_period,
+            balance_min_improvement=args.balance_min_improvement,
+            network_bandwidth=args.network_bandwidth,
         )
         logger.info("Starting with:\n%s", parser.format_values().rstrip())
         run_peer(config)

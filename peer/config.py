@@ -10,8 +10,8 @@ from swarm.errors import ConfigError
 @dataclass(frozen=True, slots=True)
 class PeerConfig:
     model: str  # local directory or Hugging Face id
-    start: int  # first hosted block
-    end: int  # one past the last hosted block
+    start: int | None = None  # first hosted block; None (with end None): chosen where the swarm is weakest
+    end: int | None = None  # one past the last hosted block
     initial_peers: tuple[str, ...] = ()
     new_swarm: bool = False  # start a swarm of one instead of joining through initial_peers
     host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
@@ -31,10 +31,31 @@ class PeerConfig:
     revision: str | None = None
     metrics_port: int | None = None  # serve Prometheus metrics at http://metrics_addr:port/metrics; 0: a free port
     metrics_addr: str = "127.0.0.1"
+    # Automatic placement (without --blocks): how many blocks, where, and when to move.
+    num_blocks: int | None = None  # blocks to host; None: as many as the memory budget holds
+    memory_budget: int | None = None  # bytes for weights and KV cache; None: free memory less a margin
+    start_jitter: float = 3.0  # most seconds to wait before choosing, so peers started together choose apart
+    balance_period: float = 120.0  # mean seconds between rebalancing checks (randomised +-50%); 0: never move
+    balance_min_improvement: float = 0.2  # move only if the swarm's weakest block gets this much faster (0.2: 20%)
+    network_bandwidth: float = 100.0  # Mbit/s: caps the announced throughput at what the link carries
+
+    @property
+    def auto_blocks(self) -> bool:
+        return self.start is None
 
     def __post_init__(self) -> None:
-        if not 0 <= self.start < self.end:
+        if (self.start is None) != (self.end is None):
+            raise ConfigError("give both ends of --blocks START:END, or neither to let the peer choose")
+        if self.start is not None and self.end is not None and not 0 <= self.start < self.end:
             raise ConfigError(f"--blocks {self.start}:{self.end} must satisfy 0 <= start < end")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ConfigError("--num-blocks must be positive")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ConfigError("--memory-budget must be positive")
+        if self.start_jitter < 0 or self.balance_period < 0 or self.balance_min_improvement < 0:
+            raise ConfigError("--start-jitter, --balance-period and --balance-min-improvement must not be negative")
+        if self.network_bandwidth <= 0:
+            raise ConfigError("--network-bandwidth must be positive")
         if not self.initial_peers and not self.new_swarm:
             raise ConfigError("pass --initial-peers MULTIADDR to join a swarm, or --new-swarm to start one")
         for name in ("cache_tokens", "max_batch_size", "inference_max_length"):
@@ -48,10 +69,26 @@ class PeerConfig:
             raise ConfigError("--metrics-port must be between 0 and 65535")
 
 
-def parse_blocks(text: str) -> tuple[int, int]:
-    """'0:12' -> (0, 12): a half-open range, like a Python slice."""
+def parse_blocks(text: str | None) -> tuple[int | None, int | None]:
+    """'0:12' -> (0, 12): a half-open range, like a Python slice; None -> (None, None): the peer chooses."""
+    if text is None:
+        return None, None
     try:
         start_text, end_text = text.split(":")
         return int(start_text), int(end_text)
     except ValueError:
         raise ConfigError(f"--blocks must look like START:END (for example 0:12), got {text!r}") from None
+
+
+def parse_size(text: str | None) -> int | None:
+    """'8GiB', '500MB', '1.5G', '1024' (bytes) -> bytes."""
+    if text is None:
+        return None
+    units = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+             "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}  # fmt: skip
+    number = text.strip().lower().rstrip("abgikmt")
+    unit = text.strip().lower()[len(number) :]
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise ConfigError(f"--memory-budget must look like 8GiB, 500MB or a number of bytes, got {text!r}") from None

@@ -1,7 +1,12 @@
-"""A peer's lifecycle and composition root: join the DHT, load blocks, serve, leave cleanly.
+"""A peer's lifecycle and composition root: join the DHT, choose and load blocks, serve, move, leave cleanly.
 
 The hivemind DHT is created before the event loop starts (it forks a process that runs `p2pd`) and is always
 shut down on the way out, so no `p2pd` is orphaned, whether the peer stops on SIGTERM, SIGINT or an error.
+
+Without --blocks the peer places itself (`peer/block_selection.py`): after a random delay it reads the swarm
+and takes the weakest window of as many blocks as fit its memory; every --balance-period (randomised) it checks
+whether moving would help the swarm, and if so drains (announces DRAINING, lets open sessions finish for up to
+--drain-timeout; clients reroute the rest), announces the old span offline, loads the new blocks and serves them.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import signal
 import sys
 
@@ -20,14 +26,23 @@ from tqdm import tqdm
 import swarm
 from monitoring.peer_metrics import PeerMetrics, PeerStatistics, monotonic_to_unix, serving_metrics
 from peer.announcer import Announcer
+from peer.block_selection import blocks_that_fit, choose_span, plan_move
 from peer.config import PeerConfig
 from peer.handler import BlockHandler, HandlerLimits
 from peer.kv_cache import KVCacheBudget
+from peer.memory_budget import block_bytes, cache_bytes_per_token, default_memory_budget
 from peer.runtime import BlockRuntime
-from peer.throughput import measure_decode_throughput
+from peer.throughput import (
+    ObservedThroughput,
+    ThroughputCache,
+    measure_decode_throughput,
+    network_tokens_per_second,
+)
 from swarm.dht import start_dht
+from swarm.directory import read_swarm_view
+from swarm.errors import ConfigError
 from swarm.logs import short_id
-from swarm.models import ModelSource, load_block_slice, resolve_dtype
+from swarm.models import BlockSlice, ModelSource, load_block_slice, resolve_dtype
 from swarm.protocol import PROTOCOL_VERSION, ModelRecord, PeerInfo, ServerInfo, ServerState, model_prefix_for
 
 logger = logging.getLogger(__name__)
@@ -40,7 +55,8 @@ def run_peer(config: PeerConfig) -> None:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     source = ModelSource.open(config.model, revision=config.revision)  # fail fast on a bad model or range ...
-    source.layout.check_range(config.start, config.end)
+    if not config.auto_blocks:
+        source.layout.check_range(config.start, config.end)
     dtype = resolve_dtype(config.dtype, config.device)  # ... or dtype, before any process starts
     dht = start_dht(
         config.initial_peers,
@@ -56,7 +72,7 @@ def run_peer(config: PeerConfig) -> None:
 
 
 class Peer:
-    """One peer serving blocks [start, end) of one model."""
+    """One peer serving blocks `span` = [start, end) of one model; the span changes only when the peer moves."""
 
     def __init__(self, config: PeerConfig, source: ModelSource, dtype: torch.dtype, dht: hivemind.DHT):
         self.config = config
@@ -65,8 +81,12 @@ class Peer:
         self.dtype_name = str(dtype).removeprefix("torch.")  # as announced and logged: "float32", "bfloat16"
         self.dht = dht
         self.model_prefix = config.model_prefix or model_prefix_for(config.model)
+        self.span: tuple[int, int] = (config.start, config.end) if not config.auto_blocks else (0, 0)
         self.state = ServerState.JOINING
-        self.throughput = 0.0
+        self.throughput = 0.0  # announced: min(compute, network)
+        self.seconds_per_block: float | None = None  # compute: seconds per token per block
+        self.network_throughput = network_tokens_per_second(source.config.hidden_size, dtype, config.network_bandwidth)
+        self.runtime: BlockRuntime | None = None
         self.budget = KVCacheBudget(config.cache_tokens)
         self.announcer = Announcer(
             dht,
@@ -76,11 +96,17 @@ class Peer:
             config.update_period,
         )
         self.metrics = PeerMetrics(CollectorRegistry())
-        self.metrics.set_peer(
-            version=swarm.__version__, model=config.model, model_prefix=self.model_prefix, start=config.start,
-            end=config.end, dtype=self.dtype_name, peer_id=dht.peer_id.to_base58(),
-        )  # fmt: skip
         self.metrics.set_statistics_source(self.statistics)
+        self.observed = ObservedThroughput(self.metrics.registry)
+        self.throughput_cache = ThroughputCache()
+        self._rng = random.Random()
+
+    def _show_span(self) -> None:
+        start, end = self.span
+        self.metrics.set_peer(
+            version=swarm.__version__, model=self.config.model, model_prefix=self.model_prefix, start=start,
+            end=end, dtype=self.dtype_name, peer_id=self.dht.peer_id.to_base58(),
+        )  # fmt: skip
 
     def statistics(self) -> PeerStatistics:
         """What a scrape reads; called from the metrics server's thread, so it only reads counters."""
@@ -103,8 +129,8 @@ class Peer:
     def server_info(self) -> ServerInfo:
         return ServerInfo(
             state=self.state,
-            start=self.config.start,
-            end=self.config.end,
+            start=self.span[0],
+            end=self.span[1],
             throughput=self.throughput,
             cache_tokens_left=self.budget.statistics().tokens_left,
             dtype=self.dtype_name,
@@ -120,8 +146,8 @@ class Peer:
             version=swarm.__version__,
             protocol_version=PROTOCOL_VERSION,
             model=self.config.model,
-            start=self.config.start,
-            end=self.config.end,
+            start=self.span[0],
+            end=self.span[1],
             dtype=self.dtype_name,
             hidden_size=self.source.config.hidden_size,
             cache_tokens_left=self.budget.statistics().tokens_left,
@@ -147,35 +173,158 @@ class Peer:
 
     async def _serve(self, stop: asyncio.Event, hurry: asyncio.Event) -> None:
         config = self.config
-        await self.announcer.announce_now()  # JOINING: monitors see the peer while it loads
-        block_slice = await asyncio.to_thread(self._load_blocks)
-        self.throughput = await asyncio.to_thread(measure_decode_throughput, block_slice)
-        runtime = BlockRuntime(block_slice)
+        if config.auto_blocks:
+            self.span = await self._choose_span()
+        self._show_span()
+        await self.announcer.announce_now()  # JOINING: monitors see the peer while it loads, joiners avoid its span
+        self.runtime = BlockRuntime(await self._load())
         limits = HandlerLimits(config.inference_max_length, config.max_batch_size, config.session_idle_timeout)
         handler = BlockHandler(
-            runtime, self.budget, limits, self.peer_info, lambda: self.state.routable, metrics=self.metrics
+            self.runtime, self.budget, limits, self.peer_info, lambda: self.state.routable, metrics=self.metrics
         )
         p2p = await self.dht.replicate_p2p()
         await handler.add_p2p_handlers(p2p)
         self.state = ServerState.ONLINE
         await self.announcer.announce_now()  # "Serving" below means: routable now
-        announcing = asyncio.create_task(self.announcer.run(first_delay=config.update_period), name="announcer")
-        logger.info(
-            "Serving blocks %d:%d of %s (prefix %s) on %s in %s, %.1f tokens/s",
-            config.start, config.end, config.model, self.model_prefix, config.device,
-            self.dtype_name, self.throughput,
-        )  # fmt: skip
+        background = [
+            asyncio.create_task(self.announcer.run(first_delay=config.update_period), name="announcer"),
+            asyncio.create_task(self._follow_throughput(), name="throughput"),
+        ]
+        self._log_serving()
         try:
+            if config.auto_blocks and config.balance_period > 0:
+                await self._rebalance_until(stop, hurry, handler)
             await stop.wait()
             await self._drain(hurry)
         finally:
-            logger.info("Shutting down: announcing blocks %d:%d offline", config.start, config.end)
-            announcing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await announcing
+            start, end = self.span
+            logger.info("Shutting down: announcing blocks %d:%d offline", start, end)
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             self.state = ServerState.OFFLINE
             await self.announcer.announce_now(timeout=OFFLINE_ANNOUNCE_TIMEOUT_SECONDS)
-            runtime.close()
+            self.runtime.close()
+
+    def _log_serving(self) -> None:
+        config = self.config
+        logger.info(
+            "Serving blocks %d:%d of %s (prefix %s) on %s in %s, %.1f tokens/s",
+            *self.span, config.model, self.model_prefix, config.device, self.dtype_name, self.throughput,
+        )  # fmt: skip
+
+    async def _choose_span(self) -> tuple[int, int]:
+        """As many blocks as fit, where the swarm is weakest; after a random delay, so that peers started together
+        see each other's JOINING records instead of all taking the same blocks."""
+        num_blocks = self.source.layout.num_blocks
+        length = self._blocks_to_host(num_blocks)
+        await asyncio.sleep(self._rng.uniform(0, self.config.start_jitter))
+        view = await read_swarm_view(self.dht, self.model_prefix, num_blocks)
+        throughputs = view.block_throughputs()
+        start, end = choose_span(throughputs, length)
+        logger.info(
+            "Chose blocks %d:%d of %d: the weakest region of the swarm (%d peer(s) seen; uncovered blocks %d -> %d)",
+            start, end, num_blocks, len(view.spans), throughputs.count(0.0),
+            sum(value == 0.0 and not start <= i < end for i, value in enumerate(throughputs)),
+        )  # fmt: skip
+        return start, end
+
+    def _blocks_to_host(self, num_blocks: int) -> int:
+        config = self.config
+        if config.num_blocks is not None:
+            return min(config.num_blocks, num_blocks)
+        budget = config.memory_budget or default_memory_budget(config.device)
+        weights = block_bytes(self.source, self.dtype)
+        cache = config.cache_tokens * cache_bytes_per_token(self.source.config, self.dtype)
+        length = blocks_that_fit(budget, weights, cache, num_blocks)
+        if length == 0:
+            raise ConfigError(
+                f"not even one block fits in {budget / 2**30:.2f} GiB: a block takes {weights / 2**30:.2f} GiB "
+                f"and its KV cache ({config.cache_tokens} tokens) {cache / 2**30:.2f} GiB; raise --memory-budget "
+                "or lower --cache-tokens"
+            )
+        logger.info(
+            "%d of %d blocks fit in %.2f GiB (%.3f GiB of weights and %.3f GiB of KV cache each)",
+            length, num_blocks, budget / 2**30, weights / 2**30, cache / 2**30,
+        )  # fmt: skip
+        return length
+
+    async def _load(self) -> BlockSlice:
+        """Load the span's blocks and know their speed: from the on-disk cache, or measured now."""
+        block_slice = await asyncio.to_thread(self._load_blocks)
+        length = self.span[1] - self.span[0]
+        key = self._throughput_key()
+        self.seconds_per_block = self.seconds_per_block or self.throughput_cache.get(key)
+        if self.seconds_per_block is None:
+            measured = await asyncio.to_thread(measure_decode_throughput, block_slice)
+            self.seconds_per_block = 1.0 / (measured * length)
+            self.throughput_cache.put(key, self.seconds_per_block)
+        self._update_throughput()
+        return block_slice
+
+    def _throughput_key(self) -> str:
+        config = self.source.config
+        shape = f"{self.source.layout.num_blocks}x{config.hidden_size}"
+        return f"{self.model_prefix}|{shape}|{self.config.device}|{self.dtype_name}|{torch.get_num_threads()}threads"
+
+    def _update_throughput(self) -> None:
+        assert self.seconds_per_block is not None
+        compute = 1.0 / (self.seconds_per_block * (self.span[1] - self.span[0]))
+        self.throughput = min(compute, self.network_throughput)
+
+    async def _follow_throughput(self) -> None:
+        """Every update period, fold the decode speed real sessions got into the announced throughput."""
+        while True:
+            await asyncio.sleep(self.config.update_period)
+            observed = self.observed.update(self.span[1] - self.span[0])
+            if observed is not None:
+                self.seconds_per_block = observed
+                self._update_throughput()
+
+    async def _rebalance_until(self, stop: asyncio.Event, hurry: asyncio.Event, handler: BlockHandler) -> None:
+        """Check every --balance-period (randomised +-50%, so peers do not all move at once) whether moving
+        would help the swarm; move when it would. Returns when `stop` is set."""
+        period = self.config.balance_period
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self._rng.uniform(0.5 * period, 1.5 * period))
+            if stop.is_set():
+                return
+            try:
+                view = await read_swarm_view(self.dht, self.model_prefix, self.source.layout.num_blocks)
+            except Exception as e:
+                logger.warning("Could not read the swarm to check the balance: %s", e)
+                continue
+            move = plan_move(
+                view, self.dht.peer_id.to_base58(), self.span, self.throughput, self.config.balance_min_improvement
+            )
+            if move is not None:
+                logger.info(
+                    "Moving from blocks %d:%d to %d:%d: %s", *self.span, move.start, move.end, move.describe()
+                )  # fmt: skip
+                await self._move(move.start, move.end, hurry, handler)
+
+    async def _move(self, start: int, end: int, hurry: asyncio.Event, handler: BlockHandler) -> None:
+        """Drain the current span, announce it offline, then load and serve blocks [start, end).
+
+        Sessions still open after the drain keep the old blocks (their weights stay referenced) until they end;
+        new sessions are refused while the peer is not ONLINE, so clients route around it meanwhile.
+        """
+        await self._drain(hurry)
+        self.state = ServerState.OFFLINE
+        await self.announcer.announce_now()  # the old span's records: offline until they expire
+        self.span = (start, end)
+        self.state = ServerState.JOINING
+        self._show_span()
+        await self.announcer.announce_now()
+        old_runtime, self.runtime = self.runtime, BlockRuntime(await self._load())
+        handler.runtime = self.runtime
+        if old_runtime is not None:
+            old_runtime.close()
+        self.state = ServerState.ONLINE
+        await self.announcer.announce_now()
+        self._log_serving()
 
     async def _drain(self, hurry: asyncio.Event) -> None:
         """Leave gracefully: announce DRAINING so routes avoid this peer, refuse new sessions, and let open ones
@@ -199,13 +348,12 @@ class Peer:
         if idle not in done:
             logger.warning("Leaving with %d session(s) still open", self.budget.statistics().sessions_open)
 
-    def _load_blocks(self):
-        config = self.config
+    def _load_blocks(self) -> BlockSlice:
+        start, end = self.span
         with tqdm(
-            total=config.end - config.start, desc=f"Loading blocks {config.start}:{config.end}", unit="block",
-            file=sys.stderr, disable=None,
+            total=end - start, desc=f"Loading blocks {start}:{end}", unit="block", file=sys.stderr, disable=None,
         ) as progress:  # fmt: skip
             return load_block_slice(
-                self.source, config.start, config.end, dtype=self.dtype, device=config.device,
+                self.source, start, end, dtype=self.dtype, device=self.config.device,
                 on_block_read=lambda _: progress.update(1),
             )  # fmt: skip

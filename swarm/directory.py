@@ -21,9 +21,11 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from swarm.errors import ProtocolError
-from swarm.protocol import MODELS_KEY, ModelRecord, ServerInfo, block_key
+from swarm.protocol import MODELS_KEY, ModelRecord, ServerInfo, ServerState, block_key
 
 logger = logging.getLogger(__name__)
+
+UNMEASURED_THROUGHPUT = 1.0  # tokens/s counted for a peer that announces none yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,18 @@ class SwarmView:
 
     def peers_for_block(self, block_index: int) -> list[RemoteSpan]:
         return [span for span in self.spans if span.start <= block_index < span.end]
+
+    def block_throughputs(self, exclude: str | None = None) -> list[float]:
+        """Per block, the summed announced throughput of the peers serving it or about to (ONLINE or JOINING),
+        leaving out peer `exclude`: what load balancing compares. Draining and offline peers count for nothing."""
+        totals = [0.0] * self.num_blocks
+        for span in self.spans:
+            if span.peer_id != exclude and span.info.state in (ServerState.ONLINE, ServerState.JOINING):
+                # a peer still loading may not know its speed yet (0): it covers its blocks all the same
+                throughput = max(span.info.throughput, UNMEASURED_THROUGHPUT)
+                for index in range(span.start, min(span.end, self.num_blocks)):
+                    totals[index] += throughput
+        return totals
 
     def missing_blocks(self, routable_only: bool = True) -> list[int]:
         spans = [s for s in self.spans if s.info.state.routable] if routable_only else list(self.spans)

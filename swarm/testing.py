@@ -7,6 +7,7 @@ so no `p2pd` outlives the swarm.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -61,13 +62,27 @@ class LocalSwarm:
 
     def add_peer(self, start: int, end: int, *extra_args: str, wait: bool = True) -> SwarmProcess:
         """Start one more peer serving blocks [start, end); with `wait`, return once it serves."""
+        return self._start_peer(["--blocks", f"{start}:{end}", *extra_args], f"swarm-peer[{start}:{end}]", wait)
+
+    def add_auto_peer(self, *extra_args: str, name: str = "swarm-peer[auto]", wait: bool = True) -> SwarmProcess:
+        """Start a peer without --blocks: it chooses its blocks (and may move); `served_span` tells which."""
+        return self._start_peer(list(extra_args), name, wait)
+
+    @staticmethod
+    def served_span(peer: SwarmProcess, timeout: float = 60.0) -> tuple[int, int]:
+        """The span a peer serves now: the last 'Serving blocks' line it logged (a move logs a new one)."""
+        peer.wait_for_line(SERVING_LINE, timeout)
+        start, end = re.findall(SERVING_LINE, peer.output())[-1]
+        return int(start), int(end)
+
+    def _start_peer(self, peer_args: list[str], name: str, wait: bool) -> SwarmProcess:
         args = [
-            sys.executable, "-m", "peer", self.model, "--blocks", f"{start}:{end}",
+            sys.executable, "-m", "peer", self.model,
             "--initial-peers", *self.initial_peers, "--host-maddrs", LOOPBACK,
             "--num-threads", str(self.num_threads), "--update-period", str(self.update_period),
-            *self.peer_args, *extra_args,
+            *self.peer_args, *peer_args,
         ]  # fmt: skip
-        peer = SwarmProcess(args, env=self.env, name=f"swarm-peer[{start}:{end}]")
+        peer = SwarmProcess(args, env=self.env, name=name)
         self.peers.append(peer)
         if wait:
             peer.wait_for_line(SERVING_LINE, self.start_timeout)

@@ -4,6 +4,12 @@ Shortest path over block boundaries: an edge i -> j through peer p exists when p
 p's measured round-trip latency, plus its compute time for j - i blocks (from its announced throughput), plus
 a fixed per-hop overhead so shorter chains win ties. Random noise on each peer's cost spreads sessions over
 replicas of similar quality.
+
+Two modes. Inference (the default) minimises latency: every token crosses the whole chain, so round trips
+dominate. Training calls (`spread_load=True`) are large batches where compute dominates and many trainers share
+the swarm: each peer's cost is its compute time times an Exp(1) draw, so among replicas of the same blocks a
+peer is chosen with probability proportional to its throughput (the minimum of independent exponentials with
+rates r_i falls on i with probability r_i / sum r).
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ def choose_route(
     banned: Collection[str] = (),
     min_cache_tokens: int = 0,
     rng: random.Random | None = None,
+    spread_load: bool = False,
 ) -> Route:
     """The cheapest chain of spans over blocks [start, end).
 
@@ -81,7 +88,10 @@ def choose_route(
         and span.start < end
         and span.end > start
     ]
-    noise = {span.peer_id: 1.0 + rng.random() * COST_NOISE for span in candidates}
+    if spread_load:
+        noise = {span.peer_id: rng.expovariate(1.0) for span in candidates}
+    else:
+        noise = {span.peer_id: 1.0 + rng.random() * COST_NOISE for span in candidates}
     best_cost = {start: 0.0}
     previous: dict[int, tuple[int, RemoteSpan]] = {}
     queue = [(0.0, start)]
@@ -95,7 +105,10 @@ def choose_route(
             if not span.start <= position < span.end:
                 continue
             for stop in range(position + 1, min(span.end, end) + 1):
-                step_cost = _hop_cost(span, stop - position, latencies) * noise[span.peer_id]
+                if spread_load:  # the overhead stays out of the draw, or it would skew the proportions
+                    step_cost = _compute_seconds(span, stop - position) * noise[span.peer_id] + HOP_OVERHEAD_SECONDS
+                else:
+                    step_cost = _hop_cost(span, stop - position, latencies) * noise[span.peer_id]
                 if cost + step_cost < best_cost.get(stop, float("inf")):
                     best_cost[stop] = cost + step_cost
                     previous[stop] = (position, span)
@@ -126,9 +139,12 @@ def choose_route(
 
 def _hop_cost(span: RemoteSpan, num_blocks: int, latencies: Mapping[str, float]) -> float:
     latency = max(latencies.get(span.peer_id, UNKNOWN_LATENCY_SECONDS), LATENCY_FLOOR_SECONDS)
+    return latency + _compute_seconds(span, num_blocks) + HOP_OVERHEAD_SECONDS
+
+
+def _compute_seconds(span: RemoteSpan, num_blocks: int) -> float:
     throughput = span.info.throughput  # tokens/s through all of the peer's blocks
-    compute = num_blocks / (throughput * span.info.length) if throughput > 0 else 0.0
-    return latency + compute + HOP_OVERHEAD_SECONDS
+    return num_blocks / (throughput * span.info.length) if throughput > 0 else 0.0
 
 
 def _uncovered(candidates: list[RemoteSpan], start: int, end: int) -> list[int]:

@@ -106,9 +106,11 @@ class SwarmClient:
         min_cache_tokens: int = 0,
         exclude: Collection[str] = (),
         wait: bool = True,
+        spread_load: bool = False,
     ) -> Route:
         """The best route over blocks [start, end) now, avoiding banned and `exclude`d peers; waits up to
-        connect_timeout for missing blocks to appear (unless `wait` is false).
+        connect_timeout for missing blocks to appear (unless `wait` is false). `spread_load`: training calls,
+        spread over replicas in proportion to throughput (see `routing`).
 
         The first attempt routes over the records already known (`known_view`); later ones read the DHT afresh.
         A stale pick costs little: a peer that is gone fails the first step and the session routes around it.
@@ -128,6 +130,7 @@ class SwarmClient:
                     banned=self.banned() | set(exclude),
                     min_cache_tokens=min_cache_tokens,
                     rng=self._rng,
+                    spread_load=spread_load,
                 )
             except MissingBlocksError:
                 if not wait or time.monotonic() >= deadline:

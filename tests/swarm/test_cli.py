@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,6 +165,9 @@ def test_status_json_lists_every_block_with_its_peer(full_swarm: LocalSwarm, dem
     for block in status["blocks"]:
         owner = spans[(0, 3) if block["index"] < 3 else (3, 6)]
         assert block["peer_ids"] == [owner["peer_id"]]
+        assert block["throughput"] == owner["throughput"] > 0
+    weakest = min(spans.values(), key=lambda peer: peer["throughput"])
+    assert weakest["start"] <= status["weakest_block"] < weakest["end"]
     peer_logs = "\n".join(peer.output() for peer in full_swarm.peers)
     assert all(f"Peer …{peer['peer_id'][-6:]} reachable" in peer_logs for peer in status["peers"])
 
@@ -175,6 +179,8 @@ def test_status_text_says_the_model_is_fully_served(full_swarm: LocalSwarm, demo
     assert run.returncode == 0, run.stderr
     assert "blocks 0:3\n" in run.stdout and "blocks 3:6\n" in run.stdout
     assert "6/6 blocks covered" in run.stdout
+    assert re.search(r"weakest block: \d \(\d+\.\d tokens/s from its peers\)", run.stdout)
+    assert re.search(r"…\w{6}  online   serves 0:3  \d+\.\d tokens/s", run.stdout)  # each peer's throughput
 
 
 @pytest.mark.slow
@@ -281,4 +287,6 @@ def test_status_counts_only_online_peers_as_covering(capsys: pytest.CaptureFixtu
     assert "blocks 5:6  no peer" in output
     assert "3/6 blocks covered; MISSING blocks 3:6" in output
     assert document["missing_blocks"] == [3, 4, 5]
-    assert document["blocks"][4] == {"index": 4, "peer_ids": ["Qm222222"]}
+    assert document["blocks"][4] == {"index": 4, "peer_ids": ["Qm222222"], "throughput": 12.5}  # joining counts
+    assert document["blocks"][5]["throughput"] == 0.0 and document["weakest_block"] == 5
+    assert "weakest block: 5 (0.0 tokens/s from its peers)" in output

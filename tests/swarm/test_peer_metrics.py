@@ -53,7 +53,8 @@ def test_metrics_count_a_generation(metered: dict) -> None:
     assert after['blockswarm_rpc_requests_total{rpc="inference",status="ok"}'] >= 1
     assert after['blockswarm_rpc_requests_total{rpc="inference",status="internal"}'] == 0
     assert after['blockswarm_rpc_duration_seconds_count{rpc="inference"}'] >= 1
-    assert after["blockswarm_inference_step_duration_seconds_count{}"] == NEW_TOKENS
+    assert after['blockswarm_inference_step_duration_seconds_count{phase="prefill"}'] == 1
+    assert after['blockswarm_inference_step_duration_seconds_count{phase="decode"}'] == NEW_TOKENS - 1
     assert after['blockswarm_network_bytes_total{direction="in"}'] > 0
     assert after['blockswarm_network_bytes_total{direction="out"}'] > 0
     assert after["blockswarm_kv_cache_limit_tokens{}"] == CACHE_TOKENS

@@ -37,8 +37,7 @@ def test_peer_metrics_exposition_passes_promtool() -> None:
     metrics.set_peer(version="0", model="m", model_prefix="m", start=2, end=5, dtype="float32", peer_id="QmPeer")
     metrics.set_statistics_source(lambda: PeerStatistics("online", 10, 100, 1, 3, 1, 4, 0, 1.7e9, 12.5, 2))
     metrics.record_request("inference", "ok", 0.2, 100, 200)
-    metrics.record_tokens("prefill", 7)
-    metrics.record_step(0.01)
+    metrics.record_step("prefill", 0.01, 7)
     text = generate_latest(metrics.registry).decode()
     assert 'blockswarm_tokens_processed_total{phase="decode"} 0.0' in text  # pre-created label sets
     assert 'blockswarm_rpc_requests_total{rpc="backward",status="internal"} 0.0' in text

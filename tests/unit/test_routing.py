@@ -91,3 +91,16 @@ def test_sub_range_routes() -> None:
     view = _view(_span("a", 0, 8), _span("b", 4, 12))
     route = choose_route(view, 5, 10, rng=random.Random(1))
     assert _covers_contiguously(route, 5, 10)
+
+
+def test_training_routes_spread_over_replicas_in_proportion_to_throughput() -> None:
+    """3:1 throughput between two replicas of the same blocks: about 3:1 of the training calls (2000 draws)."""
+    view = _view(_span("fast", 0, 12, throughput=300.0), _span("slow", 0, 12, throughput=100.0))
+    latencies = {"fast": 0.5, "slow": 0.001}  # latency does not matter for training: compute does
+    rng = random.Random(0)
+    picks = [
+        choose_route(view, 0, 12, latencies=latencies, rng=rng, spread_load=True).spans[0].peer_id for _ in range(2000)
+    ]
+    assert picks.count("fast") / len(picks) == pytest.approx(0.75, abs=0.03)
+    # inference on the same view follows latency
+    assert choose_route(view, 0, 12, latencies=latencies, rng=rng).spans[0].peer_id == "slow"
