@@ -19,11 +19,13 @@ from prometheus_client import CollectorRegistry
 
 from monitoring.peer_metrics import PeerMetrics
 from peer.kv_cache import KVCacheBudget
-from peer.runtime import BlockRuntime
+from peer.runtime import BlockRuntime, RequestAdapters
 from swarm import messages
 from swarm.errors import CacheFullError, ProtocolError, RequestRejected
 from swarm.logs import short_id
 from swarm.models import BlockSlice
+from swarm.models.deep_prompts import check_prompts
+from swarm.models.lora import check_lora
 from swarm.protocol import (
     RPC_BACKWARD,
     RPC_BACKWARD_STREAM,
@@ -35,6 +37,7 @@ from swarm.protocol import (
     ErrorReply,
     InferenceOpen,
     InferenceStep,
+    LoraHeader,
     PeerInfo,
     SpanRequest,
 )
@@ -49,7 +52,7 @@ class HandlerLimits:
     session_idle_timeout: float  # seconds a session may wait for its next step
 
 
-_SpanComputation = Callable[[dict[str, Any], list[torch.Tensor]], Awaitable[torch.Tensor]]
+_SpanComputation = Callable[[dict[str, Any], list[torch.Tensor]], Awaitable[list[torch.Tensor]]]
 
 
 class _Refusal(Exception):
@@ -206,7 +209,7 @@ class BlockHandler:
         """A stateless call in one message each way."""
         try:
             metadata, tensors = messages.unpack_metadata(request.metadata), messages.tensors_of(request)
-            return messages.response([await compute(metadata, tensors)])
+            return messages.response(await compute(metadata, tensors))
         except Exception as e:
             return messages.error_response(self._classify(e, short_id(context.remote_id)))
 
@@ -220,7 +223,7 @@ class BlockHandler:
         except Exception as e:
             yield messages.error_response(self._classify(e, short_id(context.remote_id)))
             return
-        for message in messages.to_chunked_messages(runtime_pb2.ExpertResponse, [outputs]):
+        for message in messages.to_chunked_messages(runtime_pb2.ExpertResponse, outputs):
             yield message
 
     async def _inference_step(
@@ -246,29 +249,60 @@ class BlockHandler:
             )
         began = time.perf_counter()
         outputs = await self.runtime.inference_step(span, cache, hidden_states, step.position)
-        self.metrics.record_step(time.perf_counter() - began)
-        self.metrics.record_tokens("prefill" if step.position == 0 else "decode", hidden_states.shape[:2].numel())
+        phase = "decode" if step.position > 0 and hidden_states.shape[1] == 1 else "prefill"
+        self.metrics.record_step(phase, time.perf_counter() - began, hidden_states.shape[:2].numel())
         return outputs
 
-    async def _forward(self, metadata: dict[str, Any], tensors: list[torch.Tensor]) -> torch.Tensor:
+    async def _forward(self, metadata: dict[str, Any], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         span_request = SpanRequest.from_wire(metadata)
         span = self._span(span_request.start, span_request.end)
-        (hidden_states,) = self._expect_tensors(tensors, 1)
+        if not tensors:
+            raise _Refusal(ErrorKind.BAD_REQUEST, "expected the hidden states, got no tensor")
+        hidden_states, adapter = tensors[0], tensors[1:]
         self._check_hidden(hidden_states, span, max_batch=self.limits.max_batch_size)
-        outputs = await self.runtime.forward(span, hidden_states)
+        adapters = self._adapters(metadata, span, hidden_states, adapter)
+        outputs = await self.runtime.forward(span, hidden_states, adapters)
         self.metrics.record_tokens("forward", hidden_states.shape[:2].numel())
-        return outputs
+        return [outputs]
 
-    async def _backward(self, metadata: dict[str, Any], tensors: list[torch.Tensor]) -> torch.Tensor:
+    async def _backward(self, metadata: dict[str, Any], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         span_request = SpanRequest.from_wire(metadata)
         span = self._span(span_request.start, span_request.end)
-        hidden_states, grad_outputs = self._expect_tensors(tensors, 2)
+        if len(tensors) < 2:
+            raise _Refusal(
+                ErrorKind.BAD_REQUEST, f"expected hidden states and their gradients, got {len(tensors)} tensor(s)"
+            )
+        hidden_states, grad_outputs, adapter = tensors[0], tensors[1], tensors[2:]
         self._check_hidden(hidden_states, span, max_batch=self.limits.max_batch_size)
         if grad_outputs.shape != hidden_states.shape:
             raise _Refusal(ErrorKind.BAD_REQUEST, "gradients must have the shape of the hidden states")
-        grads = await self.runtime.backward(span, hidden_states, grad_outputs)
+        adapters = self._adapters(metadata, span, hidden_states, adapter)
+        grads = await self.runtime.backward(span, hidden_states, grad_outputs, adapters)
         self.metrics.record_tokens("backward", hidden_states.shape[:2].numel())
         return grads
+
+    @staticmethod
+    def _adapters(
+        metadata: dict[str, Any], span: BlockSlice, hidden_states: torch.Tensor, tensors: list[torch.Tensor]
+    ) -> RequestAdapters | None:
+        """The caller's LoRA adapter and deep prompts for this span, checked against the hosted blocks."""
+        deep_prompts = metadata.get("deep_prompts", False)
+        if not isinstance(deep_prompts, bool):
+            raise ProtocolError(f"deep_prompts must be a boolean, got {type(deep_prompts).__name__}")
+        prompts = None
+        if deep_prompts:
+            if not tensors:
+                raise ProtocolError("deep_prompts is set but the request carries no prompt tensor")
+            *tensors, prompts = tensors
+            check_prompts(span.blocks, prompts, hidden_states)
+        lora = None
+        if "lora" in metadata:
+            header = LoraHeader.from_wire(metadata["lora"])
+            check_lora(span.blocks, header, tensors, hidden_states.dtype)
+            lora = (header, tensors)
+        elif tensors:
+            raise ProtocolError(f"{len(tensors)} extra tensor(s) without a 'lora' header")
+        return None if lora is None and prompts is None else RequestAdapters(lora, prompts)
 
     async def _next_request(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest]

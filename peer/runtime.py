@@ -1,23 +1,49 @@
 """Runs the hosted blocks on the device, off the event loop.
 
 All torch work happens in one executor thread: the event loop keeps serving streams and the DHT while a
-step computes, and steps of different sessions never race on the device.
+step computes, and steps of different sessions never race on the device. A caller's LoRA adapter and deep
+prompts are hooked onto the blocks for its request only (swarm/models/lora.py, deep_prompts.py), which this
+one thread makes safe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 from transformers import DynamicCache
 
 from swarm.models import BlockSlice
+from swarm.models.deep_prompts import applied_prompts
+from swarm.models.lora import applied_lora
+from swarm.protocol import LoraHeader
 
 _R = TypeVar("_R")
+
+
+@dataclass(frozen=True)
+class RequestAdapters:
+    """A caller's additions to the span for one stateless request, already checked by the handler."""
+
+    lora: tuple[LoraHeader, list[torch.Tensor]] | None = None
+    prompts: torch.Tensor | None = None  # deep-ptune: [blocks of the span, pre_seq_len, hidden]
+
+    def tensors(self) -> list[torch.Tensor]:
+        tensors = [] if self.lora is None else list(self.lora[1])
+        return tensors if self.prompts is None else [*tensors, self.prompts]
+
+    def on(self, device: torch.device, dtype: torch.dtype, *, requires_grad: bool = False) -> RequestAdapters:
+        def moved(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+        lora = None if self.lora is None else (self.lora[0], [moved(t) for t in self.lora[1]])
+        return RequestAdapters(lora, None if self.prompts is None else moved(self.prompts))
 
 
 class BlockRuntime:
@@ -47,11 +73,20 @@ class BlockRuntime:
     ) -> torch.Tensor:
         return await self._run(_inference_step, span, cache, hidden_states, position)
 
-    async def forward(self, span: BlockSlice, hidden_states: torch.Tensor) -> torch.Tensor:
-        return await self._run(_forward, span, hidden_states)
+    async def forward(
+        self, span: BlockSlice, hidden_states: torch.Tensor, adapters: RequestAdapters | None = None
+    ) -> torch.Tensor:
+        return await self._run(_forward, span, hidden_states, adapters)
 
-    async def backward(self, span: BlockSlice, hidden_states: torch.Tensor, grad_outputs: torch.Tensor) -> torch.Tensor:
-        return await self._run(_backward, span, hidden_states, grad_outputs)
+    async def backward(
+        self,
+        span: BlockSlice,
+        hidden_states: torch.Tensor,
+        grad_outputs: torch.Tensor,
+        adapters: RequestAdapters | None = None,
+    ) -> list[torch.Tensor]:
+        """[grad w.r.t. hidden_states, *grads w.r.t. `adapters.tensors()`]."""
+        return await self._run(_backward, span, hidden_states, grad_outputs, adapters)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -67,15 +102,35 @@ def _inference_step(span: BlockSlice, cache: DynamicCache, hidden_states: torch.
         return span(hidden_states, cache=cache, position=position).cpu()
 
 
-def _forward(span: BlockSlice, hidden_states: torch.Tensor) -> torch.Tensor:
+def _forward(span: BlockSlice, hidden_states: torch.Tensor, adapters: RequestAdapters | None) -> torch.Tensor:
     with torch.inference_mode():
-        return span(hidden_states.to(device=span.device, dtype=span.dtype)).cpu()
+        hidden_states = hidden_states.to(device=span.device, dtype=span.dtype)
+        if adapters is None:
+            return span(hidden_states).cpu()
+        with _applied(span, adapters.on(span.device, span.dtype)):
+            return span(hidden_states).cpu()
 
 
-def _backward(span: BlockSlice, hidden_states: torch.Tensor, grad_outputs: torch.Tensor) -> torch.Tensor:
-    """Recompute the forward pass with gradients on and return the gradient w.r.t. the input hidden states."""
+def _backward(
+    span: BlockSlice, hidden_states: torch.Tensor, grad_outputs: torch.Tensor, adapters: RequestAdapters | None
+) -> list[torch.Tensor]:
+    """Recompute the forward pass with gradients on and return the gradients w.r.t. the input hidden states
+    and, with adapters, w.r.t. each of their tensors (in `RequestAdapters.tensors()` order)."""
     with torch.enable_grad():
         inputs = hidden_states.to(device=span.device, dtype=span.dtype).requires_grad_(True)
-        outputs = span(inputs)
-        (grad_inputs,) = torch.autograd.grad(outputs, inputs, grad_outputs.to(device=span.device, dtype=span.dtype))
-    return grad_inputs.cpu()
+        adapters = adapters.on(span.device, span.dtype, requires_grad=True) if adapters is not None else None
+        with _applied(span, adapters) if adapters is not None else contextlib.nullcontext():
+            outputs = span(inputs)
+        extra = adapters.tensors() if adapters is not None else []
+        grads = torch.autograd.grad(outputs, [inputs, *extra], grad_outputs.to(device=span.device, dtype=span.dtype))
+    return [grad.cpu() for grad in grads]
+
+
+@contextlib.contextmanager
+def _applied(span: BlockSlice, adapters: RequestAdapters) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        if adapters.lora is not None:
+            stack.enter_context(applied_lora(span.blocks, *adapters.lora))
+        if adapters.prompts is not None:
+            stack.enter_context(applied_prompts(span.blocks, adapters.prompts))
+        yield

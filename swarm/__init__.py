@@ -28,8 +28,15 @@ _PUBLIC = {
     "AutoDistributedModelForCausalLM": "swarm.client.remote_model",
     "DistributedModelForCausalLM": "swarm.client.remote_model",
     "ClientConfig": "swarm.config",
+    "TuningConfig": "swarm.client.tuning",
 }
-__all__ = ["AutoDistributedModelForCausalLM", "ClientConfig", "DistributedModelForCausalLM", "__version__"]
+__all__ = [
+    "AutoDistributedModelForCausalLM",
+    "ClientConfig",
+    "DistributedModelForCausalLM",
+    "TuningConfig",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

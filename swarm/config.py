@@ -22,6 +22,7 @@ class ClientConfig:
     hung_step_factor: float = 10.0  # a decode step slower than this many times the recent ones is a hang
     view_max_age: float = 1.0  # seconds a read of the DHT is reused when building routes
     dht_timeout: float = 2.0  # seconds a DHT node may take to answer before a lookup goes on without it
+    max_sub_batch_size: int = 8  # rows per stateless forward/backward call; larger batches go as parallel parts
 
     def __post_init__(self) -> None:
         if not self.initial_peers:
@@ -36,5 +37,7 @@ class ClientConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.max_sub_batch_size <= 0:
+            raise ConfigError("max_sub_batch_size must be positive")
         if self.max_retries < 0 or self.hung_step_factor <= 1:
             raise ConfigError("max_retries must be >= 0 and hung_step_factor > 1")

@@ -8,8 +8,12 @@ RPCs (hivemind P2P protobuf handlers; requests are `ExpertRequest`, replies `Exp
   * RPC_INFO        unary            -> `PeerInfo`
   * RPC_INFERENCE   stream <-> stream  first message `InferenceOpen` + `InferenceStep`, then `InferenceStep`s;
                                       the peer keeps the session's KV cache until the stream closes
-  * RPC_FORWARD     unary or stream  `SpanRequest`, tensors [hidden]            -> [hidden]
-  * RPC_BACKWARD    unary or stream  `SpanRequest`, tensors [hidden, grad_out]  -> [grad_in]
+  * RPC_FORWARD     unary or stream  `SpanRequest`, tensors [hidden, *lora]            -> [hidden]
+  * RPC_BACKWARD    unary or stream  `SpanRequest`, tensors [hidden, grad_out, *lora]  -> [grad_in, *grad_lora]
+                                      with `{"lora": LoraHeader}` in the metadata, the caller's LoRA adapter for
+                                      the span travels as `*lora` (layout in swarm/models/lora.py); with
+                                      `{"deep_prompts": true}`, one more tensor [span blocks, pre_seq_len, hidden]
+                                      follows (swarm/models/deep_prompts.py) and its gradient ends the reply
 A reply that carries `{"error": ErrorReply}` in its metadata is a refusal; the stream ends after it.
 
 `from_wire` ignores unknown keys (newer peers may add fields) and raises `ProtocolError` on missing or ill-typed
@@ -242,6 +246,31 @@ class SpanRequest:
     @classmethod
     def from_wire(cls, value: Any) -> SpanRequest:
         return _from_wire(cls, value, "span request")
+
+
+@dataclass(frozen=True, slots=True)
+class LoraHeader:
+    """Which linear layers of each block a request's LoRA tensors adapt, and their scale (alpha / rank)."""
+
+    targets: tuple[str, ...]  # module names inside one block, e.g. "self_attn.q_proj"
+    scaling: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.targets, (list, tuple)) or not self.targets:
+            raise ValueError("targets must be a non-empty list of module names")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if not all(isinstance(target, str) and target for target in self.targets):
+            raise ValueError("targets must be module names")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError("targets must not repeat")
+        _check_types(self, scaling=(int, float))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"targets": list(self.targets), "scaling": float(self.scaling)}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> LoraHeader:
+        return _from_wire(cls, value, "LoRA header")
 
 
 class ErrorKind(str, enum.Enum):

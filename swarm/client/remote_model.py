@@ -6,7 +6,9 @@ model, so `generate` with greedy search, sampling, streamers and stopping criter
   * inside `with model.inference_session(max_length=N):` every forward sends only the tokens the peers have
     not seen yet, and consecutive `generate` calls continue the same conversation;
   * `generate` outside a session opens one for the call;
-  * `model(input_ids)` outside a session is a stateless, differentiable forward through the swarm.
+  * `model(input_ids)` outside a session is a stateless, differentiable forward through the swarm; with
+    `labels` it returns the loss, and `loss.backward()` reaches `trainable_parameters()`: soft prompts, LoRA
+    adapters and unfrozen client modules, as chosen by a `TuningConfig` (swarm/client/tuning.py).
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, Pr
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from swarm.client._sync import run_sync
+from swarm.client.lora import LoraAdapters
 from swarm.client.remote_blocks import RemoteBlocks
 from swarm.client.session import InferenceSession
 from swarm.client.swarm_client import SwarmClient
+from swarm.client.tuning import SoftPrompts, TuningConfig
 from swarm.config import ClientConfig
 from swarm.errors import ConfigError
-from swarm.models import ClientModules, ModelSource, load_client_modules
+from swarm.models import ClientModules, ModelLayout, ModelSource, load_client_modules
 from swarm.protocol import model_prefix_for
 
 logger = logging.getLogger(__name__)
@@ -49,11 +53,45 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_cache_class = False
     _supports_sdpa = True  # the client runs no attention itself; any implementation is fine
 
-    def __init__(self, config: PretrainedConfig, client_modules: ClientModules, swarm: SwarmClient):
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        client_modules: ClientModules,
+        swarm: SwarmClient,
+        tuning: TuningConfig | None = None,
+    ):
         super().__init__(config)
         self.client_modules = client_modules
         self.swarm = swarm
+        self.tuning = tuning
+        self.prompts: SoftPrompts | None = None
+        self.lora: LoraAdapters | None = None
+        if tuning is not None:
+            self._add_trainable_parts(tuning, client_modules.layout)
         self._conversation: _Conversation | None = None
+
+    def _add_trainable_parts(self, tuning: TuningConfig, layout: ModelLayout) -> None:
+        dtype = self.client_modules.final_norm.weight.dtype
+        if tuning.mode in ("ptune", "deep-ptune"):
+            num_blocks = layout.num_blocks if tuning.mode == "deep-ptune" else 0
+            self.prompts = SoftPrompts(tuning.pre_seq_len, self.config.hidden_size, num_blocks=num_blocks, dtype=dtype)
+        elif tuning.mode == "lora":
+            self.lora = LoraAdapters(
+                self.config, layout, rank=tuning.lora_rank, alpha=tuning.lora_alpha,
+                target_modules=tuning.lora_target_modules, dtype=dtype,
+            )  # fmt: skip
+        modules = self.client_modules
+        if tuning.tune_embeddings:
+            for module in (modules.embeddings, modules.position_embeddings, modules.embedding_norm):
+                if module is not None:
+                    module.requires_grad_(True)
+        if tuning.tune_head:
+            modules.final_norm.requires_grad_(True)
+            modules.lm_head.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What `loss.backward()` fills and an optimizer should update (empty when nothing is tuned)."""
+        return [parameter for parameter in self.parameters() if parameter.requires_grad]
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -65,9 +103,20 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         dtype: str | torch.dtype | None = None,
         revision: str | None = None,
         config: ClientConfig | None = None,
+        tuning: TuningConfig | None = None,
+        tuning_mode: str | None = None,
+        **tuning_options: Any,
     ) -> DistributedModelForCausalLM:
         """Load the local parts of `model_name_or_path` and connect to the swarm through `initial_peers`
-        (or `config.initial_peers`; when both are given they must agree)."""
+        (or `config.initial_peers`; when both are given they must agree).
+
+        For training, pass `tuning=TuningConfig(...)`, or its fields as keywords:
+        `tuning_mode="ptune", pre_seq_len=16` or `tuning_mode="lora", lora_rank=8, tune_head=True`.
+        """
+        if tuning_mode is not None or tuning_options:
+            if tuning is not None:
+                raise ConfigError("pass either tuning=TuningConfig(...) or its fields as keywords, not both")
+            tuning = TuningConfig(mode=tuning_mode, **tuning_options)
         if config is None:
             if not initial_peers:
                 raise ConfigError("pass initial_peers=[MULTIADDR, ...] (printed by `swarm-dht` or any peer)")
@@ -78,7 +127,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         client_modules = load_client_modules(source, dtype=dtype)
         prefix = model_prefix or config.model_prefix or model_prefix_for(str(model_name_or_path))
         swarm = SwarmClient(config, prefix, source.layout.num_blocks)
-        model = cls(source.config, client_modules, swarm)
+        model = cls(source.config, client_modules, swarm, tuning)
         model.generation_config = _generation_config(source)
         return model.eval()
 
@@ -129,19 +178,28 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        """Logits for `input_ids` (or for token embeddings `inputs_embeds`, outside a session only), and with
+        `labels` the mean next-token cross-entropy (positions labelled -100 are ignored)."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ConfigError("padded batches are not supported yet: give prompts of equal length")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ConfigError("pass exactly one of input_ids and inputs_embeds")
         conversation = self._conversation
         if conversation is None:
-            hidden = self.client_modules.embed(input_ids, 0)
-            hidden = RemoteBlocks.apply(hidden, self.swarm)
-            logits = self.client_modules.logits(hidden)
+            logits = self._stateless_logits(input_ids, inputs_embeds)
         else:
+            if inputs_embeds is not None or self.prompts is not None or self.lora is not None:
+                raise ConfigError(
+                    "inference sessions run token ids through the plain blocks; soft prompts, LoRA adapters and "
+                    "inputs_embeds work only in stateless forward calls for now"
+                )
+            assert input_ids is not None
             session = conversation.session
             sent = conversation.sent_ids
             if sent is not None and not torch.equal(input_ids[:, : session.position], sent):
@@ -162,6 +220,23 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def _stateless_logits(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Embeddings (+ soft prompts) here, blocks (+ LoRA, deep prompts) on the peers, head here; differentiable
+        throughout."""
+        token_vectors = self.client_modules.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.prompts is not None:
+            token_vectors = self.prompts.prepend(token_vectors)
+        hidden = self.client_modules.embed_vectors(token_vectors, 0)
+        deep_prompts = None if self.prompts is None else self.prompts.block_prompts
+        if self.lora is None and deep_prompts is None:
+            hidden = RemoteBlocks.apply(hidden, self.swarm)
+        elif self.lora is None:
+            hidden = RemoteBlocks.apply(hidden, self.swarm, deep_prompts, None)
+        else:
+            hidden = RemoteBlocks.apply(hidden, self.swarm, deep_prompts, self.lora.header, *self.lora.tensors())
+        logits = self.client_modules.logits(hidden)
+        return logits if self.prompts is None else logits[:, self.prompts.pre_seq_len :]
 
     def close(self) -> None:
         """Leave the swarm (shuts down this client's DHT process)."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -41,9 +43,31 @@ from swarm.protocol import (
     ErrorReply,
     InferenceOpen,
     InferenceStep,
+    LoraHeader,
     PeerInfo,
     SpanRequest,
 )
+
+
+@dataclass(frozen=True)
+class SpanAdapters:
+    """What a stateless call carries besides hidden states: the client's trainable additions for the span."""
+
+    lora: tuple[LoraHeader, list[torch.Tensor]] | None = None  # layout in swarm/models/lora.py
+    prompts: torch.Tensor | None = None  # deep-ptune: [blocks of the span, pre_seq_len, hidden]
+
+    def metadata(self) -> dict[str, Any]:
+        metadata: dict[str, Any] = {}
+        if self.lora is not None:
+            metadata["lora"] = self.lora[0].to_wire()
+        if self.prompts is not None:
+            metadata["deep_prompts"] = True
+        return metadata
+
+    def tensors(self) -> list[torch.Tensor]:
+        """[*lora, prompts], each detached: the peer returns their gradients in this order."""
+        tensors = [] if self.lora is None else [t.detach() for t in self.lora[1]]
+        return tensors if self.prompts is None else [*tensors, self.prompts.detach()]
 
 
 @contextlib.contextmanager
@@ -87,18 +111,42 @@ async def call_info(p2p: P2P, peer_id: str, timeout: float) -> PeerInfo:
         return PeerInfo.from_wire(metadata)
 
 
-async def call_forward(p2p: P2P, peer_id: str, span: SpanRequest, hidden: torch.Tensor, timeout: float) -> torch.Tensor:
-    (outputs,) = await _call_span(p2p, peer_id, RPC_FORWARD, RPC_FORWARD_STREAM, span, [hidden], timeout)
+async def call_forward(
+    p2p: P2P,
+    peer_id: str,
+    span: SpanRequest,
+    hidden: torch.Tensor,
+    timeout: float,
+    adapters: SpanAdapters | None = None,
+) -> torch.Tensor:
+    metadata, adapter = _adapter_parts(span, adapters)
+    (outputs,) = await _call_span(
+        p2p, peer_id, RPC_FORWARD, RPC_FORWARD_STREAM, metadata, [hidden, *adapter], timeout, expected=1
+    )
     return outputs
 
 
 async def call_backward(
-    p2p: P2P, peer_id: str, span: SpanRequest, hidden: torch.Tensor, grad_outputs: torch.Tensor, timeout: float
-) -> torch.Tensor:
-    (grad_inputs,) = await _call_span(
-        p2p, peer_id, RPC_BACKWARD, RPC_BACKWARD_STREAM, span, [hidden, grad_outputs], timeout
-    )
-    return grad_inputs
+    p2p: P2P,
+    peer_id: str,
+    span: SpanRequest,
+    hidden: torch.Tensor,
+    grad_outputs: torch.Tensor,
+    timeout: float,
+    adapters: SpanAdapters | None = None,
+) -> list[torch.Tensor]:
+    """[grad w.r.t. hidden, *grads w.r.t. `adapters.tensors()`]."""
+    metadata, adapter = _adapter_parts(span, adapters)
+    return await _call_span(
+        p2p, peer_id, RPC_BACKWARD, RPC_BACKWARD_STREAM, metadata, [hidden, grad_outputs, *adapter], timeout,
+        expected=1 + len(adapter),
+    )  # fmt: skip
+
+
+def _adapter_parts(span: SpanRequest, adapters: SpanAdapters | None) -> tuple[dict, list[torch.Tensor]]:
+    if adapters is None:
+        return span.to_wire(), []
+    return {**span.to_wire(), **adapters.metadata()}, adapters.tensors()
 
 
 async def _call_span(
@@ -106,9 +154,11 @@ async def _call_span(
     peer_id: str,
     unary_name: str,
     stream_name: str,
-    span: SpanRequest,
+    metadata: dict,
     tensors: list[torch.Tensor],
     timeout: float,
+    *,
+    expected: int,
 ) -> list[torch.Tensor]:
     """Unary when the payload fits hivemind's cap, a chunked stream otherwise."""
     with map_p2p_errors(peer_id):
@@ -116,13 +166,13 @@ async def _call_span(
         if messages.payload_bytes(tensors) <= MAX_UNARY_PAYLOAD_BYTES:
             reply = await asyncio.wait_for(
                 p2p.call_protobuf_handler(
-                    peer, unary_name, messages.request(tensors, span.to_wire()), runtime_pb2.ExpertResponse
+                    peer, unary_name, messages.request(tensors, metadata), runtime_pb2.ExpertResponse
                 ),
                 timeout,
             )
-            metadata, outputs = messages.unpack_metadata(reply.metadata), messages.tensors_of(reply)
+            reply_metadata, outputs = messages.unpack_metadata(reply.metadata), messages.tensors_of(reply)
         else:
-            chunks = messages.to_chunked_messages(runtime_pb2.ExpertRequest, tensors, span.to_wire())
+            chunks = messages.to_chunked_messages(runtime_pb2.ExpertRequest, tensors, metadata)
 
             async def exchange() -> tuple[dict, list[torch.Tensor]]:
                 replies = await p2p.iterate_protobuf_handler(
@@ -130,10 +180,10 @@ async def _call_span(
                 )
                 return await messages.read_chunked_messages(replies)
 
-            metadata, outputs = await asyncio.wait_for(exchange(), timeout)
-        raise_for_error(peer_id, messages.error_of(metadata))
-        if len(outputs) != 1:
-            raise ProtocolError(f"expected one tensor in the reply, got {len(outputs)}")
+            reply_metadata, outputs = await asyncio.wait_for(exchange(), timeout)
+        raise_for_error(peer_id, messages.error_of(reply_metadata))
+        if len(outputs) != expected:
+            raise ProtocolError(f"expected {expected} tensor(s) in the reply, got {len(outputs)}")
         return outputs
 
 

@@ -6,6 +6,7 @@
 * block_slice.py    `BlockSlice`: blocks [start, end) with a per-session KV cache (`new_cache()`)
 * client_modules.py `ClientModules`: embeddings before block 0, final norm + LM head after the last block
 * loading.py        `ModelSource.open`, `load_block_slice`, `load_client_modules`: build them from a checkpoint
+* lora.py           LoRA target layers of a block; a peer's per-request check and application of an adapter
 """
 
 from swarm.models.block_slice import BlockSlice

@@ -49,6 +49,11 @@ class BlockSlice(nn.Module):
         return self.base_model.config.hidden_size
 
     @property
+    def blocks(self) -> list[nn.Module]:
+        """The decoder blocks of the slice, first to last."""
+        return list(getattr(self.base_model, self.layout.blocks_attr))
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.base_model.parameters()).dtype
 

@@ -33,9 +33,14 @@ class ClientModules(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, position: int = 0) -> torch.Tensor:
         """Hidden states entering block 0 for tokens that start at `position`."""
-        hidden = self.embeddings(input_ids)
+        return self.embed_vectors(self.embeddings(input_ids), position)
+
+    def embed_vectors(self, token_vectors: torch.Tensor, position: int = 0) -> torch.Tensor:
+        """Hidden states entering block 0 for [batch, seq, hidden] token embeddings (or vectors standing for them,
+        such as soft prompts) that start at `position`: learned positions and the embedding norm are applied."""
+        hidden = token_vectors
         if self.position_embeddings is not None:
-            positions = torch.arange(position, position + input_ids.shape[1], device=input_ids.device)
+            positions = torch.arange(position, position + hidden.shape[1], device=hidden.device)
             hidden = hidden + self.position_embeddings(positions.unsqueeze(0))
         if self.embedding_norm is not None:
             hidden = self.embedding_norm(hidden)

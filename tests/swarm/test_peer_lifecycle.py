@@ -118,7 +118,7 @@ def test_payloads_above_the_unary_cap_are_streamed(make_swarm, connect, tiny_mod
     assert messages.payload_bytes([hidden]) > MAX_UNARY_PAYLOAD_BYTES
     span = SpanRequest(0, 4)
     outputs = run_sync(call_forward(p2p, peer_id, span, hidden, timeout=120))
-    grads = run_sync(call_backward(p2p, peer_id, span, hidden, torch.ones_like(hidden), timeout=120))
+    (grads,) = run_sync(call_backward(p2p, peer_id, span, hidden, torch.ones_like(hidden), timeout=120))
 
     blocks = load_block_slice(ModelSource.open(model_dir), 0, 4)
     inputs = hidden.clone().requires_grad_(True)
