@@ -71,15 +71,13 @@ async def forward_through(
     start: int,
     end: int,
     adapters: ModelAdapters | None = None,
-    *,
-    spread_load: bool = False,
 ) -> tuple[list[RouteSpan], list[torch.Tensor]]:
     """Run blocks [start, end); returns the spans used and the input of each span followed by the final output."""
     spans: list[RouteSpan] = []
     states = [hidden_states]
     position, failures = start, 0
     while position < end:
-        route = await swarm.make_route(position, end, spread_load=spread_load)
+        route = await swarm.make_route(position, end, spread_load=True)  # training: share replicas by throughput
         for span in route.spans:
             try:
                 outputs = await call_forward(
@@ -205,13 +203,9 @@ class RemoteBlocks(torch.autograd.Function):
 async def _forward_parts(
     swarm: SwarmClient, parts: tuple[torch.Tensor, ...], adapters: ModelAdapters | None
 ) -> list[tuple[list[RouteSpan], list[torch.Tensor]]]:
-    """Each part of a split batch through all blocks, in parallel; one part takes the usual best route."""
-    spread_load = len(parts) > 1
-    return list(
-        await asyncio.gather(
-            *(forward_through(swarm, part, 0, swarm.num_blocks, adapters, spread_load=spread_load) for part in parts)
-        )
-    )
+    """Each part of a split batch through all blocks, in parallel, spread over replicas by throughput (training
+    calls from many trainers share the swarm's compute; see `routing`)."""
+    return list(await asyncio.gather(*(forward_through(swarm, part, 0, swarm.num_blocks, adapters) for part in parts)))
 
 
 async def _backward_parts(

@@ -17,6 +17,7 @@ import torch
 from swarm.process import SwarmProcess
 from swarm.protocol import model_prefix_for
 from swarm.testing import LocalSwarm
+from tests.browser_tools import HeadlessChromium, require_chromium
 from tests.model_factory import FIRST_ORDINARY_TOKEN, VOCAB_SIZE
 from tests.prometheus_tools import (
     http_get,
@@ -122,12 +123,10 @@ def test_metrics_agree_with_the_state_and_pass_promtool(watched: Watched) -> Non
 
 
 def test_page_renders_the_coverage_in_chromium(watched: Watched, tmp_path: Path) -> None:
-    from tests.browser_tools import Browser, require_chromium
-
     require_chromium()
-    with Browser(tmp_path / "chromium") as browser:
-        browser.open(watched.url)
-        browser.wait_until("document.body.dataset.loaded === 'true'", TIMEOUT)
+    with HeadlessChromium(tmp_path / "chromium") as browser:
+        browser.load(watched.url)
+        browser.wait_until("document.body.dataset.loaded === 'true'", TIMEOUT, "the page to show the first crawl")
         section = f'section.model[data-prefix="{watched.prefix}"]'
         page = browser.evaluate(
             f"""(() => {{
