@@ -20,19 +20,17 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import shutil
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import pytest
 import websocket
 
 from swarm.process import SwarmProcess
+from tests.debian_packages import require_debian_package
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 INSTALL_TIMEOUT_SECONDS = 600  # the package and its libraries are a few hundred MB
@@ -46,21 +44,7 @@ class BrowserError(RuntimeError):
 
 def require_chromium() -> str:
     """Path of the `chromium` binary, installing Debian's `chromium` package if needed and possible."""
-    if (path := _find_chromium()) is None:
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            pytest.skip("chromium is missing; install Debian's `chromium` package (needs root and apt-get)")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        command = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
-        try:
-            if subprocess.run(command, env=env, capture_output=True, timeout=INSTALL_TIMEOUT_SECONDS).returncode != 0:
-                subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=INSTALL_TIMEOUT_SECONDS)
-                subprocess.run(command, env=env, capture_output=True, timeout=INSTALL_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            pass
-        path = _find_chromium()
-    if path is None:
-        pytest.skip("could not install Debian's `chromium` package (apt-get failed); browser tests need it")
-    return path
+    return require_debian_package("chromium", _find_chromium, INSTALL_TIMEOUT_SECONDS)
 
 
 def _find_chromium() -> str | None:

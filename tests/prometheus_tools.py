@@ -19,9 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.debian_packages import require_debian_package
 
 INSTALL_TIMEOUT_SECONDS = 240
 _T = TypeVar("_T")
@@ -29,21 +30,12 @@ _T = TypeVar("_T")
 
 def require_prometheus_tools() -> tuple[str, str]:
     """Paths of `promtool` and `prometheus`, installing Debian's `prometheus` package if needed and possible."""
-    if shutil.which("promtool") is None or shutil.which("prometheus") is None:
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            pytest.skip("promtool/prometheus missing; install Debian's `prometheus` package (needs root and apt-get)")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        command = ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"]
-        try:
-            if subprocess.run(command, env=env, capture_output=True, timeout=INSTALL_TIMEOUT_SECONDS).returncode != 0:
-                subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=INSTALL_TIMEOUT_SECONDS)
-                subprocess.run(command, env=env, capture_output=True, timeout=INSTALL_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            pass
-    promtool, prometheus = shutil.which("promtool"), shutil.which("prometheus")
-    if promtool is None or prometheus is None:
-        pytest.skip("could not install Debian's `prometheus` package (apt-get failed); promtool tests need it")
-    return promtool, prometheus
+
+    def find() -> str | None:
+        return shutil.which("prometheus") if shutil.which("promtool") else None
+
+    prometheus = require_debian_package("prometheus", find, INSTALL_TIMEOUT_SECONDS)
+    return shutil.which("promtool") or "promtool", prometheus
 
 
 def promtool(*args: str | os.PathLike[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
