@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.gateway.conftest import API_KEY, MODEL_NAME, Gateway, LocalModel
+from tests.prometheus_tools import promtool
 
 pytestmark = pytest.mark.slow
 
@@ -221,3 +222,14 @@ def test_metrics_count_requests_and_time_tokens(gateway: Gateway) -> None:
     assert after[inter_token] - before[inter_token] == usage.completion_tokens - 1
     assert after[generated] - before[generated] == usage.completion_tokens
     assert API_KEY not in json.dumps(after)
+
+
+def test_metrics_pass_promtool_and_include_the_client_side(gateway: Gateway) -> None:
+    gateway.client.completions.create(model=MODEL_NAME, prompt="To be", max_tokens=3, temperature=0)
+    with urllib.request.urlopen(f"{gateway.url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    result = promtool("check", "metrics", stdin=text)
+    assert result.returncode == 0, result.stdout + result.stderr
+    samples = _metrics(gateway)
+    assert samples["blockswarm_client_time_to_first_token_seconds_count{}"] >= 1  # the swarm client's own view
+    assert samples["blockswarm_client_inter_token_seconds_count{}"] >= 2
