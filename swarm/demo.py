@@ -39,7 +39,7 @@ START_TIMEOUT_SECONDS = 180.0  # a peer imports torch and loads its blocks; slow
 
 @dataclass(frozen=True, slots=True)
 class DemoOptions:
-    model: str | None  # model directory; None: the demo model, created on first use
+    model: str | None  # model directory; None: the demo model (`demo_model_dir()`)
     num_peers: int
     prompt: str
     max_new_tokens: int
@@ -50,7 +50,7 @@ def run_demo(options: DemoOptions) -> int:
     """0 when the swarm's tokens equal the local model's, 1 when they differ."""
     torch.set_num_threads(options.num_threads)
     if options.model is None and not is_complete(demo_model_dir()):
-        say(f"Creating the demo model in {demo_model_dir()} (first run only) ...")
+        say(f"Copying the demo model to {demo_model_dir()} ...")
     model_dir = Path(options.model) if options.model else ensure_demo_model()
     source = ModelSource.open(model_dir)
     tokenizer = load_tokenizer(str(model_dir))  # before starting anything: a model without one cannot be demoed
