@@ -2,7 +2,10 @@
 
     swarm generate MODEL --initial-peers MADDR --prompt "..."   stream text generated through the swarm
     swarm status MODEL --initial-peers MADDR [--json]          which peers serve which blocks
+    swarm serve MODEL --initial-peers MADDR [--port 8000]      an OpenAI-compatible HTTP API (see swarm/gateway/)
     swarm demo                                                 a whole swarm on this machine (see swarm/demo.py)
+    swarm finetune MODEL --initial-peers MADDR --data FILE --run-id NAME --output DIR
+                                                               train prompts or LoRA with other trainers
 
 Generated text goes to stdout as it is produced; the route, statistics and errors go to stderr, so
 `swarm generate ... > out.txt` keeps only the text. A `SwarmError` ends the command with a one-line message and
@@ -46,6 +49,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a writer whose reader left
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+API_KEY_ENV = "BLOCKSWARM_API_KEY"  # `swarm serve`'s key, where a flag would show in `ps`
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,9 +189,11 @@ def status_document(model: str, view: SwarmView) -> dict[str, Any]:
         "num_blocks": view.num_blocks,
         "peers": [{"peer_id": span.peer_id, **span.info.to_wire()} for span in view.spans],
         "blocks": [
-            {"index": i, "peer_ids": [span.peer_id for span in view.peers_for_block(i)]} for i in range(view.num_blocks)
+            {"index": i, "peer_ids": [span.peer_id for span in view.peers_for_block(i)], "throughput": throughput}
+            for i, throughput in enumerate(view.block_throughputs())
         ],
         "missing_blocks": view.missing_blocks(),
+        "weakest_block": _weakest_block(view),
     }
 
 
@@ -210,16 +216,80 @@ def print_status(model: str, view: SwarmView) -> None:
         start = end
     missing = view.missing_blocks()
     covered = view.num_blocks - len(missing)
+    weakest = _weakest_block(view)
+    print(f"weakest block: {weakest} ({view.block_throughputs()[weakest]:.1f} tokens/s from its peers)")
     if missing:
         print(f"{covered}/{view.num_blocks} blocks covered; MISSING blocks {_ranges(missing)} (no online peer)")
     else:
         print(f"{covered}/{view.num_blocks} blocks covered: the model is fully served")
 
 
+def _weakest_block(view: SwarmView) -> int:
+    """The block with the least throughput from online and joining peers: where a new peer helps most."""
+    throughputs = view.block_throughputs()
+    return min(range(view.num_blocks), key=throughputs.__getitem__)
+
+
 def _ranges(indices: list[int]) -> str:
     """[0, 1, 2, 5] -> '0:3, 5:6': half-open, as --blocks takes them."""
     runs = [list(run) for _, run in itertools.groupby(enumerate(indices), key=lambda pair: pair[1] - pair[0])]
     return ", ".join(f"{run[0][1]}:{run[-1][1] + 1}" for run in runs)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from swarm.gateway import TextGenerator, build_app, serve  # imported here: FastAPI and uvicorn only for this
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    tokenizer = load_tokenizer(args.model)
+    config = ClientConfig(
+        initial_peers=tuple(args.initial_peers),
+        model_prefix=args.model_prefix or "",
+        connect_timeout=args.connect_timeout,
+    )
+    model = swarm.AutoDistributedModelForCausalLM.from_pretrained(args.model, config=config)
+    generator = TextGenerator(model, tokenizer)
+    try:
+        model_name = args.served_model_name or args.model
+        app = build_app(generator, model_name=model_name, api_key=api_key)
+        serve(app, host=args.host, port=args.port, model_name=model_name)
+    finally:
+        generator.close()
+        model.close()
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from swarm.client.tuning import TuningConfig
+    from swarm.training.averaging import CollaborationConfig
+    from swarm.training.trainer import FinetuneConfig, finetune
+
+    logging.getLogger("hivemind.optim").setLevel(args.log_level.upper())  # rounds: averaged, alone, out of sync
+    tokenizer = load_tokenizer(args.model)
+    config = FinetuneConfig(
+        model=args.model,
+        client=ClientConfig(
+            initial_peers=tuple(args.initial_peers),
+            model_prefix=args.model_prefix or "",
+            host_maddrs=tuple(args.host_maddrs),
+        ),
+        collaboration=CollaborationConfig(
+            run_id=args.run_id,
+            target_batch_size=args.target_batch_size,
+            batch_size_per_step=args.batch_size,
+            matchmaking_time=args.matchmaking_time,
+            averaging_timeout=args.averaging_timeout,
+            compression=args.compression,
+        ),
+        tuning=TuningConfig(mode=args.method, pre_seq_len=args.pre_seq_len, lora_rank=args.lora_rank),
+        data=Path(args.data),
+        output=Path(args.output),
+        max_steps=args.max_steps,
+        lr=args.lr,
+        seq_len=args.seq_len,
+        seed=args.seed,
+    )
+    finetune(config, tokenizer)
+    return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -247,6 +317,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {value}")
     return value
 
 
@@ -291,9 +368,56 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON document, for scripts")
     status.set_defaults(run=run_status)
 
+    serve = commands.add_parser(
+        "serve", parents=[common, swarm_flags], help="serve the model over an OpenAI-compatible API and a chat page"
+    )
+    add = serve.add_argument
+    add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0: the network)")
+    add("--port", type=_port, default=8000, help="TCP port (default: %(default)s; 0 picks a free one)")
+    add("--api-key", "--api_key", help=f"require `Authorization: Bearer KEY` on /v1 requests (default: ${API_KEY_ENV})")
+    add("--served-model-name", "--served_model_name", help="the model id clients send (default: MODEL as given)")
+    add("--connect-timeout", "--connect_timeout", type=float, default=10.0,
+        help="seconds a request waits for peers covering every block before a 503 (default: %(default)s)")  # fmt: skip
+    serve.set_defaults(run=run_serve)
+
+    finetune = commands.add_parser(
+        "finetune", parents=[common, swarm_flags], help="train prompts or LoRA adapters together with other trainers"
+    )
+    add = finetune.add_argument
+    add("--data", required=True, help='.txt (one example per line) or .jsonl (a "text" field per line)')
+    add("--run-id", "--run_id", required=True, help="trainers with the same run id average their gradients")
+    add("--method", choices=["ptune", "deep-ptune", "lora"], default="lora", help="default: %(default)s")
+    add("--target-batch-size", "--target_batch_size", type=_positive_int, required=True,
+        help="samples the whole run processes per averaged optimizer step (an epoch)")  # fmt: skip
+    add("--batch-size", "--batch_size", type=_positive_int, default=4,
+        help="samples per local step of this trainer (default: %(default)s)")  # fmt: skip
+    add("--max-steps", "--max_steps", type=_positive_int, required=True,
+        help="stop when the run's epoch (averaged optimizer steps) reaches this")  # fmt: skip
+    add("--output", required=True, help="directory for the trained adapter (PEFT format) or prompts")
+    add("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
+    add("--seq-len", "--seq_len", type=_positive_int, default=64, help="tokens per example (default: %(default)s)")
+    add(
+        "--pre-seq-len",
+        "--pre_seq_len",
+        type=_positive_int,
+        default=16,
+        help="ptune prompt length (default: %(default)s)",
+    )
+    add("--lora-rank", "--lora_rank", type=_positive_int, default=8, help="default: %(default)s")
+    add("--compression", choices=["none", "fp16", "8bit"], default="none",
+        help="codec for averaging traffic (default: %(default)s)")  # fmt: skip
+    add("--matchmaking-time", "--matchmaking_time", type=float, default=3.0,
+        help="seconds to gather trainers for each averaging round (default: %(default)s)")  # fmt: skip
+    add("--averaging-timeout", "--averaging_timeout", type=float, default=30.0,
+        help="seconds before a round without a group proceeds alone (default: %(default)s)")  # fmt: skip
+    add("--host-maddrs", "--host_maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], metavar="MADDR",
+        help="where other trainers reach this one (default: %(default)s; across hosts /ip4/0.0.0.0/tcp/0)")  # fmt: skip
+    add("--seed", type=int, help="data order of this trainer (default: random)")
+    finetune.set_defaults(run=run_finetune)
+
     demo = commands.add_parser("demo", parents=[common], help="run a swarm here and check it against the local model")
     add = demo.add_argument
-    add("--model", help="model directory (default: the demo model, created on first run)")
+    add("--model", help="model directory (default: the demo model shipped with blockswarm)")
     add("--peers", type=int, choices=[2, 3], default=2, help="how many peers split the blocks (default: %(default)s)")
     add("--prompt", default="It was the best of times,", help="default: %(default)r")
     add("--max-new-tokens", "--max_new_tokens", type=_positive_int, default=32, help="default: %(default)s")

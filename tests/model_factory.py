@@ -100,3 +100,20 @@ def _convert_to_torch_bin(path: Path) -> None:
 def _bin_name(safetensors_name: str) -> str:
     """model.safetensors -> pytorch_model.bin; model-00001-of-00002.safetensors -> pytorch_model-00001-of-00002.bin"""
     return "pytorch_" + safetensors_name.removesuffix(".safetensors") + ".bin"
+
+
+def save_byte_tokenizer(path: str | os.PathLike[str]) -> None:
+    """Save a byte-level tokenizer (one token per byte, no merges) whose ids fit the tiny models' vocabulary:
+    <pad>, <s>, </s> are 0, 1, 2 and the 256 bytes follow, so any text tokenizes offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"<pad>": PAD_TOKEN_ID, "<s>": BOS_TOKEN_ID, "</s>": EOS_TOKEN_ID}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {**specials, **{symbol: FIRST_ORDINARY_TOKEN + index for index, symbol in enumerate(alphabet)}}
+    assert len(vocab) <= VOCAB_SIZE
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(path)

@@ -1,0 +1,11 @@
+"""Training through the swarm with several trainers that average what they learn.
+
+* averaging.py - `CollaborationConfig` and `collaborative_optimizer`: a `hivemind.Optimizer` over the client's
+                 DHT that averages the trainable parameters' gradients of every trainer in a run
+* trainer.py   - `FinetuneConfig` and `finetune`: text file -> token chunks -> training loop -> saved adapter
+                 (what `swarm finetune` runs)
+"""
+
+from swarm.training.averaging import CollaborationConfig, collaborative_optimizer
+
+__all__ = ["CollaborationConfig", "collaborative_optimizer"]

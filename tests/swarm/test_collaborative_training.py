@@ -1,0 +1,126 @@
+"""Several `swarm finetune` processes in one run: they average gradients, agree, survive a dead trainer and let a
+late one catch up. Real swarm, real trainer processes, all on 127.0.0.1, each stopped by PID.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from swarm.process import SwarmProcess
+from swarm.testing import LOOPBACK, LocalSwarm
+from tests.model_factory import save_byte_tokenizer
+
+pytestmark = pytest.mark.slow
+
+EPOCH_LINE = r"^epoch (\d+): loss ([0-9.]+) over"
+SAVED_LINE = r"^saved (\S+) at epoch (\d+)$"
+PARAM_ATOL = 1e-6  # uncompressed averaging: trainers that share every round take identical steps (measured 0.0)
+TRAINER_TIMEOUT = 150.0  # seconds for a trainer to start, train and save on 2 busy cores
+MATCHMAKING_TIME = 2.0
+AVERAGING_TIMEOUT = 5.0
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir) -> Path:  # type: ignore[no-untyped-def]
+    path = tiny_model_dir("llama", 2)
+    save_byte_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_swarm(model_dir, make_swarm) -> LocalSwarm:  # type: ignore[no-untyped-def]
+    return make_swarm(model_dir, [(0, 2)])
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "lines.txt"
+    path.write_text("\n".join(f"the quick brown fox jumps over the lazy dog {i % 5}" for i in range(40)) + "\n")
+    return path
+
+
+@pytest.fixture
+def start_trainer(model_dir, local_swarm, data_file, tmp_path) -> Iterator:  # type: ignore[no-untyped-def]
+    """`start_trainer(name, run_id, max_steps, *flags)`: a `swarm finetune` process saving to tmp_path/name."""
+    trainers: list[SwarmProcess] = []
+
+    def start(name: str, run_id: str, max_steps: int, *flags: str) -> SwarmProcess:
+        args = [
+            sys.executable, "-m", "swarm.cli", "finetune", model_dir, "--initial-peers", *local_swarm.initial_peers,
+            "--host-maddrs", LOOPBACK, "--data", data_file, "--run-id", run_id, "--method", "lora",
+            "--target-batch-size", "512", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2",
+            "--max-steps", str(max_steps), "--output", tmp_path / name, "--log-level", "INFO",
+            "--matchmaking-time", str(MATCHMAKING_TIME), "--averaging-timeout", str(AVERAGING_TIMEOUT), *flags,
+        ]  # fmt: skip
+        trainer = SwarmProcess(args, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, name=f"trainer-{name}")
+        trainers.append(trainer)
+        return trainer
+
+    try:
+        yield start
+    finally:
+        for trainer in trainers:
+            trainer.terminate()
+
+
+def _epoch_losses(trainer: SwarmProcess) -> list[tuple[int, float]]:
+    return [(int(m[0]), float(m[1])) for m in re.findall(EPOCH_LINE, trainer.output("stdout"), flags=re.MULTILINE)]
+
+
+def _epoch_at_least(epoch: int, max_steps: int) -> str:
+    """A pattern for the epoch line of any epoch from `epoch` to `max_steps`."""
+    return rf"^epoch ({'|'.join(str(e) for e in range(epoch, max_steps + 1))}):"
+
+
+def _finish(trainer: SwarmProcess) -> Path:
+    """Wait for the trainer to save and exit cleanly; the saved adapter file."""
+    saved = Path(trainer.wait_for_line(SAVED_LINE, TRAINER_TIMEOUT, stream="stdout").group(1))
+    assert trainer.wait(timeout=60) == 0, trainer.output()[-4000:]
+    return saved
+
+
+def test_two_trainers_average_gradients_and_end_with_equal_adapters(start_trainer) -> None:  # type: ignore[no-untyped-def]
+    max_steps = 4
+    trainers = [start_trainer(name, "run-agree", max_steps, "--compression", "none") for name in ("a", "b")]
+    saved = [_finish(trainer) for trainer in trainers]
+
+    for trainer in trainers:
+        assert "Averaged gradients with 2 peers" in trainer.output(), trainer.output()[-4000:]
+        losses = _epoch_losses(trainer)
+        assert losses[-1][0] == max_steps
+        assert losses[-1][1] < losses[0][1], f"{trainer.name}: loss did not decrease: {losses}"
+    first, second = (load_file(path) for path in saved)
+    assert first.keys() == second.keys() and first
+    assert any(bool(tensor.abs().max() > 0) for name, tensor in first.items() if "lora_B" in name)  # it trained
+    differences = {name: float((first[name] - second[name]).abs().max()) for name in first}
+    print(f"max |adapter difference| between the trainers: {max(differences.values()):.3g}")
+    assert max(differences.values()) <= PARAM_ATOL, differences
+
+
+def test_late_trainer_catches_up_and_a_dead_one_stalls_nobody(start_trainer) -> None:  # type: ignore[no-untyped-def]
+    max_steps = 15  # a trainer takes 10-25 s to start on 2 busy cores; the run must still be going by then
+    first = start_trainer("a", "run-churn", max_steps, "--compression", "8bit")
+    doomed = start_trainer("b", "run-churn", max_steps, "--compression", "8bit")
+    first.wait_for_line(r"^epoch 1:", TRAINER_TIMEOUT, stream="stdout")
+    run_epoch = _epoch_losses(first)[-1][0]
+
+    late = start_trainer("c", "run-churn", max_steps, "--compression", "8bit")
+    # hivemind's tracker notices that the run is ahead, and the trainer downloads the others' state
+    late.wait_for_line(r"Peer is out of sync", TRAINER_TIMEOUT)
+    caught_up = late.wait_for_line(_epoch_at_least(run_epoch, max_steps), TRAINER_TIMEOUT, stream="stdout")
+    print(f"late trainer started when the run was at epoch {run_epoch}; its epoch after catching up: {caught_up[1]}")
+
+    doomed.kill()  # SIGKILL to its whole process group: its DHT, averagers and p2pd go with it
+    killed_at = _epoch_losses(first)[-1][0]
+    assert killed_at < max_steps, "the run ended before the kill; raise max_steps"
+    # the survivors lose at most one averaging round to the dead trainer
+    first.wait_for_line(rf"^epoch {killed_at + 1}:", AVERAGING_TIMEOUT + 4 * MATCHMAKING_TIME + 30, stream="stdout")
+    for trainer in (first, late):
+        _finish(trainer)
+        assert _epoch_losses(trainer)[-1][0] == max_steps
