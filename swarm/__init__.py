@@ -11,7 +11,7 @@
   * errors.py      the exception tree
   * process.py     running swarm processes safely; testing.py: `LocalSwarm` on loopback
   * logs.py        logging set-up for entry points
-  * cli.py         the `swarm` command; demo.py: `swarm demo`; demo_model.py: the demo model made on first run
+  * cli.py         the `swarm` command; demo.py: `swarm demo`; demo_model.py: the shipped demo model
   * asyncio_compat.py  `asyncio.timeout` on every supported Python
 
 The public API below is imported on first use, so `swarm-dht` and `swarm-peer` do not pay for the client.

@@ -259,6 +259,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    import prometheus_client
+
+    from monitoring.peer_metrics import serving_metrics
     from swarm.client.tuning import TuningConfig
     from swarm.training.averaging import CollaborationConfig
     from swarm.training.trainer import FinetuneConfig, finetune
@@ -288,7 +291,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         seed=args.seed,
     )
-    finetune(config, tokenizer)
+    with serving_metrics(prometheus_client.REGISTRY, args.metrics_port):  # training and swarm-client metrics
+        finetune(config, tokenizer)
     return 0
 
 
@@ -413,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host-maddrs", "--host_maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], metavar="MADDR",
         help="where other trainers reach this one (default: %(default)s; across hosts /ip4/0.0.0.0/tcp/0)")  # fmt: skip
     add("--seed", type=int, help="data order of this trainer (default: random)")
+    add("--metrics-port", "--metrics_port", type=int, default=None,
+        help="serve Prometheus metrics (loss, epoch, trainers in the run) at http://127.0.0.1:PORT/metrics "
+        "(0: any free port)")  # fmt: skip
     finetune.set_defaults(run=run_finetune)
 
     demo = commands.add_parser("demo", parents=[common], help="run a swarm here and check it against the local model")

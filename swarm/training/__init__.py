@@ -4,6 +4,7 @@
                  DHT that averages the trainable parameters' gradients of every trainer in a run
 * trainer.py   - `FinetuneConfig` and `finetune`: text file -> token chunks -> training loop -> saved adapter
                  (what `swarm finetune` runs)
+* metrics.py   - `TrainingMetrics`: loss, the run's epoch, trainers in the run (`swarm finetune --metrics-port`)
 """
 
 from swarm.training.averaging import CollaborationConfig, collaborative_optimizer

@@ -33,6 +33,7 @@ from swarm.client.tuning import TuningConfig
 from swarm.config import ClientConfig
 from swarm.errors import ConfigError
 from swarm.training.averaging import CollaborationConfig, collaborative_optimizer
+from swarm.training.metrics import TrainingMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +160,11 @@ def _train(
     epoch = optimizer.local_epoch
     losses: list[float] = []
     tokens, started = 0, time.monotonic()
+    metrics = TrainingMetrics()
     with tqdm(total=max_steps, initial=epoch, unit="epoch", disable=None, file=sys.stderr) as progress:
         while epoch < max_steps:
             batch = next(data)
+            step_began = time.monotonic()
             loss = model(batch, labels=batch).loss
             loss.backward()
             optimizer.step()
@@ -171,6 +174,9 @@ def _train(
             tokens_per_second = tokens / max(time.monotonic() - started, 1e-9)
             peers = optimizer.tracker.global_progress.num_peers
             new_epoch = optimizer.local_epoch
+            metrics.record_step(
+                losses[-1], batch.numel(), time.monotonic() - step_began, new_epoch, new_epoch - epoch, peers
+            )
             progress.set_postfix(loss=f"{losses[-1]:.3f}", tokens_per_s=f"{tokens_per_second:.0f}", peers=peers)
             if new_epoch != epoch:
                 progress.update(new_epoch - epoch)

@@ -15,10 +15,12 @@ from safetensors.torch import load_file
 from swarm.process import SwarmProcess
 from swarm.testing import LOOPBACK, LocalSwarm
 from tests.model_factory import save_byte_tokenizer
+from tests.prometheus_tools import http_get, promtool, scrape, wait_for
 
 pytestmark = pytest.mark.slow
 
 EPOCH_LINE = r"^epoch (\d+): loss ([0-9.]+) over"
+METRICS_LINE = r"Metrics at (http://127\.0\.0\.1:\d+/metrics)"
 SAVED_LINE = r"^saved (\S+) at epoch (\d+)$"
 PARAM_ATOL = 1e-6  # uncompressed averaging: trainers that share every round take identical steps (measured 0.0)
 TRAINER_TIMEOUT = 150.0  # seconds for a trainer to start, train and save on 2 busy cores
@@ -78,6 +80,18 @@ def _epoch_at_least(epoch: int, max_steps: int) -> str:
     return rf"^epoch ({'|'.join(str(e) for e in range(epoch, max_steps + 1))}):"
 
 
+def _scrape_while_running(url: str, name: str, at_least: float) -> dict | None:
+    """The trainer's samples (plus the raw text under "text") once `name` reaches `at_least`; None before."""
+    try:
+        samples: dict = scrape(url)
+    except OSError:  # the trainer may be between start and serving
+        return None
+    if samples.get(name, 0) < at_least:
+        return None
+    samples["text"] = http_get(url)
+    return samples
+
+
 def _finish(trainer: SwarmProcess) -> Path:
     """Wait for the trainer to save and exit cleanly; the saved adapter file."""
     saved = Path(trainer.wait_for_line(SAVED_LINE, TRAINER_TIMEOUT, stream="stdout").group(1))
@@ -87,8 +101,18 @@ def _finish(trainer: SwarmProcess) -> Path:
 
 def test_two_trainers_average_gradients_and_end_with_equal_adapters(start_trainer) -> None:  # type: ignore[no-untyped-def]
     max_steps = 4
-    trainers = [start_trainer(name, "run-agree", max_steps, "--compression", "none") for name in ("a", "b")]
+    trainers = [
+        start_trainer(name, "run-agree", max_steps, "--compression", "none", *flags)
+        for name, flags in [("a", ["--metrics-port", "0"]), ("b", [])]
+    ]
+    url = trainers[0].wait_for_line(METRICS_LINE, TRAINER_TIMEOUT).group(1)
+    samples = wait_for(
+        lambda: _scrape_while_running(url, "blockswarm_training_epoch{}", 1), TRAINER_TIMEOUT, "a scrape at epoch 1+"
+    )
     saved = [_finish(trainer) for trainer in trainers]
+    assert samples["blockswarm_training_run_peers{}"] == 2 and samples["blockswarm_training_epochs_total{}"] >= 1
+    assert samples["blockswarm_training_loss{}"] > 0 and samples["blockswarm_training_tokens_total{}"] > 0
+    assert promtool("check", "metrics", stdin=samples["text"]).returncode == 0
 
     for trainer in trainers:
         assert "Averaged gradients with 2 peers" in trainer.output(), trainer.output()[-4000:]
