@@ -139,12 +139,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.repetition_penalty is not None:
         sampling["repetition_penalty"] = args.repetition_penalty
     tokenizer = load_tokenizer(args.model)
-    config = ClientConfig(
-        initial_peers=tuple(args.initial_peers),
-        model_prefix=args.model_prefix or "",
-        connect_timeout=args.connect_timeout,
-    )
-    model = swarm.AutoDistributedModelForCausalLM.from_pretrained(args.model, config=config)
+    model = _connect(args)
     try:
         result = stream_generate(
             model, tokenizer, args.prompt, args.max_new_tokens, do_sample=not args.greedy, **sampling
@@ -236,17 +231,22 @@ def _ranges(indices: list[int]) -> str:
     return ", ".join(f"{run[0][1]}:{run[-1][1] + 1}" for run in runs)
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    from swarm.gateway import TextGenerator, build_app, serve  # imported here: FastAPI and uvicorn only for this
-
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    tokenizer = load_tokenizer(args.model)
+def _connect(args: argparse.Namespace) -> swarm.DistributedModelForCausalLM:
+    """The distributed model of `swarm generate` and `swarm serve`, from their common flags."""
     config = ClientConfig(
         initial_peers=tuple(args.initial_peers),
         model_prefix=args.model_prefix or "",
         connect_timeout=args.connect_timeout,
     )
-    model = swarm.AutoDistributedModelForCausalLM.from_pretrained(args.model, config=config)
+    return swarm.AutoDistributedModelForCausalLM.from_pretrained(args.model, config=config)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from swarm.gateway import TextGenerator, build_app, serve  # imported here: FastAPI and uvicorn only for this
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    tokenizer = load_tokenizer(args.model)
+    model = _connect(args)
     generator = TextGenerator(model, tokenizer)
     try:
         model_name = args.served_model_name or args.model

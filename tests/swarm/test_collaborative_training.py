@@ -80,13 +80,13 @@ def _epoch_at_least(epoch: int, max_steps: int) -> str:
     return rf"^epoch ({'|'.join(str(e) for e in range(epoch, max_steps + 1))}):"
 
 
-def _scrape_while_running(url: str, name: str, at_least: float) -> dict | None:
-    """The trainer's samples (plus the raw text under "text") once `name` reaches `at_least`; None before."""
+def _scrape_while_running(url: str, at_least: dict[str, float]) -> dict | None:
+    """The trainer's samples (plus the raw text under "text") once every metric reaches its minimum; None before."""
     try:
         samples: dict = scrape(url)
     except OSError:  # the trainer may be between start and serving
         return None
-    if samples.get(name, 0) < at_least:
+    if any(samples.get(name, 0) < minimum for name, minimum in at_least.items()):
         return None
     samples["text"] = http_get(url)
     return samples
@@ -107,7 +107,9 @@ def test_two_trainers_average_gradients_and_end_with_equal_adapters(start_traine
     ]
     url = trainers[0].wait_for_line(METRICS_LINE, TRAINER_TIMEOUT).group(1)
     samples = wait_for(
-        lambda: _scrape_while_running(url, "blockswarm_training_epoch{}", 1), TRAINER_TIMEOUT, "a scrape at epoch 1+"
+        lambda: _scrape_while_running(url, {"blockswarm_training_epoch{}": 1, "blockswarm_training_run_peers{}": 2}),
+        TRAINER_TIMEOUT,
+        "a scrape at epoch 1+ that counts both trainers",
     )
     saved = [_finish(trainer) for trainer in trainers]
     assert samples["blockswarm_training_run_peers{}"] == 2 and samples["blockswarm_training_epochs_total{}"] >= 1
