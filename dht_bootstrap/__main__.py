@@ -32,6 +32,7 @@ import hivemind
 from hivemind.dht import DHTNode
 from hivemind.utils.multiaddr import Multiaddr
 
+from swarm.command_line import command_parser
 from swarm.errors import ConfigError
 from swarm.logs import setup_logging
 
@@ -66,14 +67,9 @@ class BootstrapConfig:
 
 
 def build_parser() -> configargparse.ArgumentParser:
-    parser = configargparse.ArgumentParser(
-        prog="swarm-dht",
-        description="Run a bootstrap DHT node for a blockswarm swarm and print its --initial-peers multiaddrs.",
-        auto_env_var_prefix="BLOCKSWARM_",
-        config_file_parser_class=configargparse.YAMLConfigFileParser,
-        formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
+    parser = command_parser(
+        "swarm-dht", "Run a bootstrap DHT node for a blockswarm swarm and print its --initial-peers multiaddrs."
     )
-    parser.add_argument("--config", is_config_file=True, help="YAML file with any of the options below")
     parser.add_argument(
         "--host-maddrs",
         "--host_maddrs",

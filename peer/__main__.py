@@ -10,6 +10,7 @@ import torch
 
 from peer.config import PeerConfig, parse_blocks, parse_size
 from peer.server import run_peer
+from swarm.command_line import command_parser
 from swarm.errors import SwarmError
 from swarm.logs import setup_logging
 
@@ -25,16 +26,9 @@ def _default_device() -> str:
 
 
 def build_parser() -> configargparse.ArgumentParser:
-    parser = configargparse.ArgumentParser(
-        prog="swarm-peer",
-        description="Serve a range of a model's decoder blocks to a blockswarm swarm.",
-        auto_env_var_prefix="BLOCKSWARM_",
-        config_file_parser_class=configargparse.YAMLConfigFileParser,
-        formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = command_parser("swarm-peer", "Serve a range of a model's decoder blocks to a blockswarm swarm.")
     defaults = PeerConfig(model="", new_swarm=True)
     add = parser.add_argument
-    add("--config", is_config_file=True, help="YAML file with any of these options")
     add("model", help="model directory or Hugging Face id (loaded through the Hugging Face cache)")
     add("--blocks", help="half-open range of blocks to serve, like a Python slice: 0:12 "
         "(default: as many as fit, where the swarm is weakest, moving when that helps the swarm)")  # fmt: skip

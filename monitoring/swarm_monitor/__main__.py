@@ -11,6 +11,7 @@ unusable settings; 1: could not join the swarm.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -19,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import configargparse
+import prometheus_client
 from hivemind import DHT
 from hivemind.utils.multiaddr import Multiaddr
-import prometheus_client
 from prometheus_client import CollectorRegistry
 
 import swarm
@@ -29,6 +30,7 @@ from monitoring.swarm_monitor.crawler import crawl
 from monitoring.swarm_monitor.metrics import MonitorMetrics
 from monitoring.swarm_monitor.state import SwarmSnapshot
 from monitoring.swarm_monitor.web import MonitorServer
+from swarm.command_line import command_parser
 from swarm.dht import start_dht
 from swarm.errors import ConfigError
 from swarm.logs import setup_logging
@@ -92,22 +94,16 @@ class SwarmMonitor:
                 self.metrics.record_crawl(snapshot)
                 logger.debug("Crawled %d model(s) in %.2f s", len(snapshot.models), snapshot.crawl_seconds)
             remaining = self.config.period - (time.monotonic() - began)
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):  # the period is over (TimeoutError only from 3.11 on)
                 await asyncio.wait_for(stop.wait(), timeout=max(remaining, 0.0))
-            except asyncio.TimeoutError:  # the period is over (TimeoutError only from 3.11 on)
-                pass
 
 
 def build_parser() -> configargparse.ArgumentParser:
-    parser = configargparse.ArgumentParser(
-        prog="swarm-monitor",
-        description="Crawl a blockswarm swarm's DHT and serve its coverage as a web page, JSON and Prometheus metrics.",
-        auto_env_var_prefix="BLOCKSWARM_",
-        config_file_parser_class=configargparse.YAMLConfigFileParser,
-        formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
+    parser = command_parser(
+        "swarm-monitor",
+        "Crawl a blockswarm swarm's DHT and serve its coverage as a web page, JSON and Prometheus metrics.",
     )
     add = parser.add_argument
-    add("--config", is_config_file=True, help="YAML file with any of the options below")
     add("--initial-peers", "--initial_peers", nargs="+", required=True, help="multiaddrs of bootstrap nodes")
     add("--models", nargs="+", default=[], help="model names or DHT prefixes to show (default: every model announced)")
     add("--host", default=DEFAULT_HOST, help="address the web server listens on")
