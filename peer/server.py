@@ -101,6 +101,11 @@ class Peer:
         self.throughput_cache = ThroughputCache()
         self._rng = random.Random()
 
+    @property
+    def num_hosted(self) -> int:
+        """Blocks in the span served now."""
+        return self.span[1] - self.span[0]
+
     def _show_span(self) -> None:
         start, end = self.span
         self.metrics.set_peer(
@@ -253,12 +258,11 @@ class Peer:
     async def _load(self) -> BlockSlice:
         """Load the span's blocks and know their speed: from the on-disk cache, or measured now."""
         block_slice = await asyncio.to_thread(self._load_blocks)
-        length = self.span[1] - self.span[0]
         key = self._throughput_key()
         self.seconds_per_block = self.seconds_per_block or self.throughput_cache.get(key)
         if self.seconds_per_block is None:
             measured = await asyncio.to_thread(measure_decode_throughput, block_slice)
-            self.seconds_per_block = 1.0 / (measured * length)
+            self.seconds_per_block = 1.0 / (measured * self.num_hosted)
             self.throughput_cache.put(key, self.seconds_per_block)
         self._update_throughput()
         return block_slice
@@ -270,14 +274,14 @@ class Peer:
 
     def _update_throughput(self) -> None:
         assert self.seconds_per_block is not None
-        compute = 1.0 / (self.seconds_per_block * (self.span[1] - self.span[0]))
+        compute = 1.0 / (self.seconds_per_block * self.num_hosted)
         self.throughput = min(compute, self.network_throughput)
 
     async def _follow_throughput(self) -> None:
         """Every update period, fold the decode speed real sessions got into the announced throughput."""
         while True:
             await asyncio.sleep(self.config.update_period)
-            observed = self.observed.update(self.span[1] - self.span[0])
+            observed = self.observed.update(self.num_hosted)
             if observed is not None:
                 self.seconds_per_block = observed
                 self._update_throughput()

@@ -178,6 +178,7 @@ def _local_num_blocks(model: str, prefix: str, announced: dict[str, Any]) -> int
 
 def status_document(model: str, view: SwarmView) -> dict[str, Any]:
     """The status as one JSON-ready document: full peer ids and records, per-block peers, missing blocks."""
+    throughputs = view.block_throughputs()
     return {
         "model": model,
         "model_prefix": view.model_prefix,
@@ -185,10 +186,10 @@ def status_document(model: str, view: SwarmView) -> dict[str, Any]:
         "peers": [{"peer_id": span.peer_id, **span.info.to_wire()} for span in view.spans],
         "blocks": [
             {"index": i, "peer_ids": [span.peer_id for span in view.peers_for_block(i)], "throughput": throughput}
-            for i, throughput in enumerate(view.block_throughputs())
+            for i, throughput in enumerate(throughputs)
         ],
         "missing_blocks": view.missing_blocks(),
-        "weakest_block": _weakest_block(view),
+        "weakest_block": _weakest_block(throughputs),
     }
 
 
@@ -211,18 +212,19 @@ def print_status(model: str, view: SwarmView) -> None:
         start = end
     missing = view.missing_blocks()
     covered = view.num_blocks - len(missing)
-    weakest = _weakest_block(view)
-    print(f"weakest block: {weakest} ({view.block_throughputs()[weakest]:.1f} tokens/s from its peers)")
+    throughputs = view.block_throughputs()
+    weakest = _weakest_block(throughputs)
+    print(f"weakest block: {weakest} ({throughputs[weakest]:.1f} tokens/s from its peers)")
     if missing:
         print(f"{covered}/{view.num_blocks} blocks covered; MISSING blocks {_ranges(missing)} (no online peer)")
     else:
         print(f"{covered}/{view.num_blocks} blocks covered: the model is fully served")
 
 
-def _weakest_block(view: SwarmView) -> int:
-    """The block with the least throughput from online and joining peers: where a new peer helps most."""
-    throughputs = view.block_throughputs()
-    return min(range(view.num_blocks), key=throughputs.__getitem__)
+def _weakest_block(throughputs: list[float]) -> int:
+    """The block with the least throughput from online and joining peers (`SwarmView.block_throughputs`): where a
+    new peer helps most."""
+    return min(range(len(throughputs)), key=throughputs.__getitem__)
 
 
 def _ranges(indices: list[int]) -> str:

@@ -229,12 +229,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             token_vectors = self.prompts.prepend(token_vectors)
         hidden = self.client_modules.embed_vectors(token_vectors, 0)
         deep_prompts = None if self.prompts is None else self.prompts.block_prompts
-        if self.lora is None and deep_prompts is None:
-            hidden = RemoteBlocks.apply(hidden, self.swarm)
-        elif self.lora is None:
-            hidden = RemoteBlocks.apply(hidden, self.swarm, deep_prompts, None)
-        else:
-            hidden = RemoteBlocks.apply(hidden, self.swarm, deep_prompts, self.lora.header, *self.lora.tensors())
+        lora = (None,) if self.lora is None else (self.lora.header, *self.lora.tensors())
+        hidden = RemoteBlocks.apply(hidden, self.swarm, deep_prompts, *lora)
         logits = self.client_modules.logits(hidden)
         return logits if self.prompts is None else logits[:, self.prompts.pre_seq_len :]
 
