@@ -1,6 +1,7 @@
 """blockswarm: run and fine-tune large language models across a peer-to-peer swarm.
 
   * client/        the distributed model: local embeddings and head, remote blocks, routing, sessions
+  * training/      `swarm finetune`: trainers that average gradients; gateway/: `swarm serve`
   * models/        slicing any decoder-only transformers model into block ranges (peer and client share it)
   * protocol.py    the wire contract: DHT keys and records, RPC names, request metadata
   * directory.py   reading and writing swarm records in the DHT
@@ -11,6 +12,7 @@
   * errors.py      the exception tree
   * process.py     running swarm processes safely; testing.py: `LocalSwarm` on loopback
   * logs.py        logging set-up for entry points
+  * command_line.py  the settings parser of swarm-dht, swarm-peer and swarm-monitor
   * cli.py         the `swarm` command; demo.py: `swarm demo`; demo_model.py: the shipped demo model
   * asyncio_compat.py  `asyncio.timeout` on every supported Python
 
