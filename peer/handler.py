@@ -171,12 +171,24 @@ class BlockHandler:
             session_open = InferenceOpen.from_wire(metadata["open"])
             span = self._span(session_open.start, session_open.end)
             self._check_session(session_open)
+            tensors = messages.tensors_of(first)
+            if not tensors:
+                raise _Refusal(ErrorKind.BAD_REQUEST, "expected the hidden states, got no tensor")
+            hidden_states, adapter = tensors[0], tensors[1:]
+            self._check_hidden(hidden_states, span, max_batch=session_open.batch_size)
+            adapters = self._adapters(metadata, span, hidden_states, adapter)
+            if adapters is not None:
+                adapters = adapters.on(span.device, span.dtype)  # once: every step of the session applies them
             with self.budget.reserve(session_open.cache_tokens):
                 logger.debug("Session from %s opened: blocks %d:%d", peer, session_open.start, session_open.end)
                 cache = span.new_cache()
                 request: runtime_pb2.ExpertRequest | None = first
                 while request is not None:
-                    outputs = await self._inference_step(span, cache, session_open, request)
+                    if request is not first:
+                        (hidden_states,) = self._expect_tensors(messages.tensors_of(request), 1)
+                        metadata = messages.unpack_metadata(request.metadata)
+                    step = InferenceStep.from_wire(metadata)
+                    outputs = await self._inference_step(span, cache, session_open, step, hidden_states, adapters)
                     yield messages.response([outputs])
                     request = await self._next_request(requests)
                 logger.debug("Session from %s closed", peer)
@@ -227,10 +239,14 @@ class BlockHandler:
             yield message
 
     async def _inference_step(
-        self, span: BlockSlice, cache: Any, session_open: InferenceOpen, request: runtime_pb2.ExpertRequest
+        self,
+        span: BlockSlice,
+        cache: Any,
+        session_open: InferenceOpen,
+        step: InferenceStep,
+        hidden_states: torch.Tensor,
+        adapters: RequestAdapters | None,
     ) -> torch.Tensor:
-        step = InferenceStep.from_wire(messages.unpack_metadata(request.metadata))
-        (hidden_states,) = self._expect_tensors(messages.tensors_of(request), 1)
         self._check_hidden(hidden_states, span, max_batch=session_open.batch_size)
         if hidden_states.shape[0] != session_open.batch_size:
             raise _Refusal(
@@ -248,7 +264,7 @@ class BlockHandler:
                 f"the session was opened for {session_open.max_length}",
             )
         began = time.perf_counter()
-        outputs = await self.runtime.inference_step(span, cache, hidden_states, step.position)
+        outputs = await self.runtime.inference_step(span, cache, hidden_states, step.position, adapters)
         phase = "decode" if step.position > 0 and hidden_states.shape[1] == 1 else "prefill"
         self.metrics.record_step(phase, time.perf_counter() - began, hidden_states.shape[:2].numel())
         return outputs

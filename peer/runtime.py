@@ -2,8 +2,8 @@
 
 All torch work happens in one executor thread: the event loop keeps serving streams and the DHT while a
 step computes, and steps of different sessions never race on the device. A caller's LoRA adapter and deep
-prompts are hooked onto the blocks for its request only (swarm/models/lora.py, deep_prompts.py), which this
-one thread makes safe.
+prompts are hooked onto the blocks for its request, or for each step of its inference session, only
+(swarm/models/lora.py, deep_prompts.py), which this one thread makes safe.
 """
 
 from __future__ import annotations
@@ -69,9 +69,16 @@ class BlockRuntime:
         return self._sub_slices[key]
 
     async def inference_step(
-        self, span: BlockSlice, cache: DynamicCache, hidden_states: torch.Tensor, position: int
+        self,
+        span: BlockSlice,
+        cache: DynamicCache,
+        hidden_states: torch.Tensor,
+        position: int,
+        adapters: RequestAdapters | None = None,
     ) -> torch.Tensor:
-        return await self._run(_inference_step, span, cache, hidden_states, position)
+        """The blocks' output for states that start at `position`, with the session's adapters (already on the
+        span's device and dtype) applied."""
+        return await self._run(_inference_step, span, cache, hidden_states, position, adapters)
 
     async def forward(
         self, span: BlockSlice, hidden_states: torch.Tensor, adapters: RequestAdapters | None = None
@@ -96,10 +103,19 @@ class BlockRuntime:
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
 
-def _inference_step(span: BlockSlice, cache: DynamicCache, hidden_states: torch.Tensor, position: int) -> torch.Tensor:
+def _inference_step(
+    span: BlockSlice,
+    cache: DynamicCache,
+    hidden_states: torch.Tensor,
+    position: int,
+    adapters: RequestAdapters | None,
+) -> torch.Tensor:
     with torch.inference_mode():
         hidden_states = hidden_states.to(device=span.device, dtype=span.dtype)
-        return span(hidden_states, cache=cache, position=position).cpu()
+        if adapters is None:
+            return span(hidden_states, cache=cache, position=position).cpu()
+        with _applied(span, adapters, position):
+            return span(hidden_states, cache=cache, position=position).cpu()
 
 
 def _forward(span: BlockSlice, hidden_states: torch.Tensor, adapters: RequestAdapters | None) -> torch.Tensor:
@@ -127,10 +143,10 @@ def _backward(
 
 
 @contextlib.contextmanager
-def _applied(span: BlockSlice, adapters: RequestAdapters) -> Iterator[None]:
+def _applied(span: BlockSlice, adapters: RequestAdapters, position: int = 0) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if adapters.lora is not None:
             stack.enter_context(applied_lora(span.blocks, *adapters.lora))
         if adapters.prompts is not None:
-            stack.enter_context(applied_prompts(span.blocks, adapters.prompts))
+            stack.enter_context(applied_prompts(span.blocks, adapters.prompts, position))
         yield

@@ -13,6 +13,7 @@ them for that request only and return their gradients with the input gradients, 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,19 @@ class ModelAdapters:
     lora_header: LoraHeader | None
     lora_tensors: tuple[torch.Tensor, ...]
     prompts: torch.Tensor | None
+
+    @classmethod
+    def detached(
+        cls, lora_header: LoraHeader | None, lora_tensors: Sequence[torch.Tensor], prompts: torch.Tensor | None
+    ) -> ModelAdapters | None:
+        """What travels for these adapter tensors (copies on the CPU, out of autograd); None when there are none."""
+        if lora_header is None and prompts is None:
+            return None
+        return cls(
+            lora_header,
+            tuple(t.detach().cpu() for t in lora_tensors),
+            None if prompts is None else prompts.detach().cpu(),
+        )
 
     @property
     def lora_per_block(self) -> int:
@@ -167,13 +181,7 @@ class RemoteBlocks(torch.autograd.Function):
         lora_header: LoraHeader | None = None,
         *lora_tensors: Any,
     ) -> torch.Tensor:
-        adapters = None
-        if prompts is not None or lora_header is not None:
-            adapters = ModelAdapters(
-                lora_header,
-                tuple(t.detach().cpu() for t in lora_tensors),
-                None if prompts is None else prompts.detach().cpu(),
-            )
+        adapters = ModelAdapters.detached(lora_header, lora_tensors, prompts)
         parts = hidden_states.detach().cpu().split(swarm.config.max_sub_batch_size)
         results = run_sync(_forward_parts(swarm, parts, adapters))
         ctx.swarm, ctx.adapters = swarm, adapters

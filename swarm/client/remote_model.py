@@ -9,6 +9,9 @@ model, so `generate` with greedy search, sampling, streamers and stopping criter
   * `model(input_ids)` outside a session is a stateless, differentiable forward through the swarm; with
     `labels` it returns the loss, and `loss.backward()` reaches `trainable_parameters()`: soft prompts, LoRA
     adapters and unfrozen client modules, as chosen by a `TuningConfig` (swarm/client/tuning.py).
+
+Soft prompts, LoRA adapters and deep prompts (trained here or loaded with `adapter=DIR`) apply to sessions too:
+the session sends its span's adapters to each peer once, with its first step.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,10 +29,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from swarm.client._sync import run_sync
 from swarm.client.lora import LoraAdapters
-from swarm.client.remote_blocks import RemoteBlocks
+from swarm.client.remote_blocks import ModelAdapters, RemoteBlocks
 from swarm.client.session import InferenceSession
 from swarm.client.swarm_client import SwarmClient
-from swarm.client.tuning import SoftPrompts, TuningConfig
+from swarm.client.tuning import PROMPTS_FILE, SoftPrompts, TuningConfig
 from swarm.config import ClientConfig
 from swarm.errors import ConfigError
 from swarm.models import ClientModules, ModelLayout, ModelSource, load_client_modules
@@ -59,6 +63,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         client_modules: ClientModules,
         swarm: SwarmClient,
         tuning: TuningConfig | None = None,
+        adapter: LoraAdapters | SoftPrompts | None = None,
     ):
         super().__init__(config)
         self.client_modules = client_modules
@@ -68,7 +73,25 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.lora: LoraAdapters | None = None
         if tuning is not None:
             self._add_trainable_parts(tuning, client_modules.layout)
+        if adapter is not None:
+            self._use_adapter(adapter)
         self._conversation: _Conversation | None = None
+
+    def _use_adapter(self, adapter: LoraAdapters | SoftPrompts) -> None:
+        """A trained adapter takes the place of the tuning mode's fresh one of its kind (and trains on), or is
+        applied frozen next to it."""
+        mode = self.tuning.mode if self.tuning is not None else None
+        if isinstance(adapter, LoraAdapters):
+            if mode != "lora":
+                adapter.requires_grad_(False)
+            self.lora = adapter
+            return
+        kind = "ptune" if adapter.block_prompts is None else "deep-ptune"
+        if mode in ("ptune", "deep-ptune") and mode != kind:
+            raise ConfigError(f"the adapter holds {kind} prompts; it cannot continue as tuning_mode={mode!r}")
+        if mode != kind:
+            adapter.requires_grad_(False)
+        self.prompts = adapter
 
     def _add_trainable_parts(self, tuning: TuningConfig, layout: ModelLayout) -> None:
         dtype = self.client_modules.final_norm.weight.dtype
@@ -105,6 +128,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         config: ClientConfig | None = None,
         tuning: TuningConfig | None = None,
         tuning_mode: str | None = None,
+        adapter: str | os.PathLike[str] | None = None,
         **tuning_options: Any,
     ) -> DistributedModelForCausalLM:
         """Load the local parts of `model_name_or_path` and connect to the swarm through `initial_peers`
@@ -112,6 +136,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
         For training, pass `tuning=TuningConfig(...)`, or its fields as keywords:
         `tuning_mode="ptune", pre_seq_len=16` or `tuning_mode="lora", lora_rank=8, tune_head=True`.
+
+        `adapter=DIR` applies a trained adapter to everything the model runs, generation included: a PEFT LoRA
+        directory (adapter_config.json) or soft prompts (prompts.safetensors), as `swarm finetune` saves them.
+        The peers apply it per request and per session; their weights never change. With the matching tuning
+        mode it trains on from there (its own rank and targets win over the tuning options).
         """
         if tuning_mode is not None or tuning_options:
             if tuning is not None:
@@ -127,7 +156,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         client_modules = load_client_modules(source, dtype=dtype)
         prefix = model_prefix or config.model_prefix or model_prefix_for(str(model_name_or_path))
         swarm = SwarmClient(config, prefix, source.layout.num_blocks)
-        model = cls(source.config, client_modules, swarm, tuning)
+        loaded = None if adapter is None else _load_adapter(adapter, source.config, client_modules)
+        model = cls(source.config, client_modules, swarm, tuning, loaded)
         model.generation_config = _generation_config(source)
         return model.eval()
 
@@ -142,7 +172,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         """Keep the peers' KV caches across forward and `generate` calls, for up to `max_length` tokens."""
         if self._conversation is not None:
             raise ConfigError("an inference session is already open on this model")
-        conversation = _Conversation(InferenceSession(self.swarm, max_length))
+        prompt_length = 0 if self.prompts is None else self.prompts.pre_seq_len  # soft prompts take cache too
+        conversation = _Conversation(InferenceSession(self.swarm, max_length + prompt_length, self._adapters()))
         self._conversation = conversation
         try:
             yield conversation.session
@@ -194,32 +225,44 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if conversation is None:
             logits = self._stateless_logits(input_ids, inputs_embeds)
         else:
-            if inputs_embeds is not None or self.prompts is not None or self.lora is not None:
-                raise ConfigError(
-                    "inference sessions run token ids through the plain blocks; soft prompts, LoRA adapters and "
-                    "inputs_embeds work only in stateless forward calls for now"
-                )
-            assert input_ids is not None
-            session = conversation.session
-            sent = conversation.sent_ids
-            if sent is not None and not torch.equal(input_ids[:, : session.position], sent):
-                raise ConfigError(
-                    "these input_ids do not continue what this inference session has processed; "
-                    "open a new session for a different text"
-                )
-            new_ids = input_ids[:, session.position :]
-            if new_ids.shape[1] == 0:
-                raise ConfigError("no new tokens: the session has already processed this whole sequence")
-            hidden = self.client_modules.embed(new_ids, session.position)
-            outputs = run_sync(session.step(hidden))
-            conversation.sent_ids = input_ids.clone()
-            logits = self.client_modules.logits(outputs.to(hidden.dtype))
+            if input_ids is None:
+                raise ConfigError("inference sessions take input_ids; inputs_embeds work in stateless forward calls")
+            logits = self._session_logits(conversation, input_ids)
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def _session_logits(self, conversation: _Conversation, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits for the tokens of `input_ids` the session has not processed yet; the peers keep the rest in
+        their caches. Soft prompts go in front of the first step, as in a stateless forward."""
+        session, sent = conversation.session, conversation.sent_ids
+        done = 0 if sent is None else sent.shape[1]
+        if sent is not None and not torch.equal(input_ids[:, :done], sent):
+            raise ConfigError(
+                "these input_ids do not continue what this inference session has processed; "
+                "open a new session for a different text"
+            )
+        new_ids = input_ids[:, done:]
+        if new_ids.shape[1] == 0:
+            raise ConfigError("no new tokens: the session has already processed this whole sequence")
+        token_vectors = self.client_modules.embeddings(new_ids)
+        prompt_length = 0
+        if self.prompts is not None and session.position == 0:
+            token_vectors, prompt_length = self.prompts.prepend(token_vectors), self.prompts.pre_seq_len
+        hidden = self.client_modules.embed_vectors(token_vectors, session.position)
+        outputs = run_sync(session.step(hidden))
+        conversation.sent_ids = input_ids.clone()
+        return self.client_modules.logits(outputs.to(hidden.dtype))[:, prompt_length:]
+
+    def _adapters(self) -> ModelAdapters | None:
+        """The LoRA adapter and deep prompts as inference sessions send them to the peers."""
+        deep_prompts = None if self.prompts is None else self.prompts.block_prompts
+        if self.lora is None:
+            return ModelAdapters.detached(None, (), deep_prompts)
+        return ModelAdapters.detached(self.lora.header, self.lora.tensors(), deep_prompts)
 
     def _stateless_logits(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         """Embeddings (+ soft prompts) here, blocks (+ LoRA, deep prompts) on the peers, head here; differentiable
@@ -243,6 +286,17 @@ class AutoDistributedModelForCausalLM:
     """Entry point mirroring transformers' Auto classes: `AutoDistributedModelForCausalLM.from_pretrained(...)`."""
 
     from_pretrained = DistributedModelForCausalLM.from_pretrained
+
+
+def _load_adapter(
+    path: str | os.PathLike[str], config: PretrainedConfig, client_modules: ClientModules
+) -> LoraAdapters | SoftPrompts:
+    dtype = client_modules.final_norm.weight.dtype
+    if (Path(path) / "adapter_config.json").exists():
+        return LoraAdapters.from_pretrained(path, config, client_modules.layout, dtype=dtype)
+    if (Path(path) / PROMPTS_FILE).exists():
+        return SoftPrompts.from_pretrained(path, config.hidden_size, client_modules.layout.num_blocks, dtype=dtype)
+    raise ConfigError(f"adapter {path}: neither a PEFT LoRA directory (adapter_config.json) nor {PROMPTS_FILE}")
 
 
 def _generation_config(source: ModelSource) -> GenerationConfig:

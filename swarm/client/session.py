@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from swarm.client.metrics import client_metrics
+from swarm.client.remote_blocks import ModelAdapters
 from swarm.client.routing import Route, RouteSpan
 from swarm.client.swarm_client import SwarmClient
 from swarm.client.transport import InferenceStream
@@ -47,11 +48,12 @@ class _SpanConnection:
 class InferenceSession:
     """Steps of one conversation through blocks [0, num_blocks); `position` counts the tokens sent so far."""
 
-    def __init__(self, swarm: SwarmClient, max_length: int):
+    def __init__(self, swarm: SwarmClient, max_length: int, adapters: ModelAdapters | None = None):
         if max_length <= 0:
             raise ConfigError("max_length must be positive")
         self.swarm = swarm
         self.max_length = max_length
+        self.adapters = adapters  # LoRA / deep prompts every peer applies to this session's steps
         self.position = 0
         self.reroutes = 0  # how many failed spans were replaced so far
         self._batch_size: int | None = None
@@ -192,7 +194,10 @@ class InferenceSession:
             _SpanConnection(
                 span,
                 InferenceStream(
-                    p2p, span.peer_id, InferenceOpen(span.start, span.end, self.max_length, self._batch_size)
+                    p2p,
+                    span.peer_id,
+                    InferenceOpen(span.start, span.end, self.max_length, self._batch_size),
+                    None if self.adapters is None else self.adapters.for_span(span.start, span.end),
                 ),
             )
             for span in route.spans

@@ -190,20 +190,25 @@ async def _call_span(
 class InferenceStream:
     """One open inference session with one peer over blocks [start, end); the peer holds its KV cache."""
 
-    def __init__(self, p2p: P2P, peer_id: str, session_open: InferenceOpen):
+    def __init__(self, p2p: P2P, peer_id: str, session_open: InferenceOpen, adapters: SpanAdapters | None = None):
         self.p2p = p2p
         self.peer_id = peer_id
         self.session_open = session_open
+        self.adapters = adapters  # sent once, with the first step; the peer applies them to every step
         self._requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
         self._replies: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
 
     async def step(self, hidden: torch.Tensor, position: int, timeout: float) -> torch.Tensor:
         """Send hidden states that start at `position`; return the blocks' output."""
         metadata = {**InferenceStep(position).to_wire()}
+        tensors = [hidden]
         if self._replies is None:
             metadata["open"] = self.session_open.to_wire()
+            if self.adapters is not None:
+                metadata.update(self.adapters.metadata())
+                tensors += self.adapters.tensors()
         with map_p2p_errors(self.peer_id):
-            self._requests.put_nowait(messages.request([hidden], metadata))
+            self._requests.put_nowait(messages.request(tensors, metadata))
             if self._replies is None:
                 self._replies = await asyncio.wait_for(
                     self.p2p.iterate_protobuf_handler(

@@ -12,14 +12,19 @@ returns what an optimizer should update.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from swarm.errors import ConfigError
 
 TUNING_MODES = ("ptune", "deep-ptune", "lora")
+PROMPTS_FILE = "prompts.safetensors"  # trained soft prompts, as `SoftPrompts.save_pretrained` writes them
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +72,42 @@ class SoftPrompts(nn.Module):
     @property
     def pre_seq_len(self) -> int:
         return self.prompts.shape[0]
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> Path:
+        """`path`/prompts.safetensors: "prompts", and deep-ptune's "block_prompts"; returns the file's path."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {"prompts": self.prompts.detach().cpu().contiguous()}
+        if self.block_prompts is not None:
+            tensors["block_prompts"] = self.block_prompts.detach().cpu().contiguous()
+        save_file(tensors, path / PROMPTS_FILE, metadata={"format": "pt"})
+        return path / PROMPTS_FILE
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], hidden_size: int, num_blocks: int, *, dtype: torch.dtype | None = None
+    ) -> SoftPrompts:
+        """Prompts saved by `save_pretrained` (or `swarm finetune --method ptune/deep-ptune`) for this model."""
+        file = Path(path) / PROMPTS_FILE
+        try:
+            tensors = load_file(file)
+        except (OSError, SafetensorError) as e:
+            raise ConfigError(f"cannot read soft prompts from {file}: {e}") from e
+        prompts, block_prompts = tensors.get("prompts"), tensors.get("block_prompts")
+        if prompts is None or prompts.dim() != 2 or prompts.shape[1] != hidden_size:
+            raise ConfigError(f"{file}: 'prompts' must be [pre_seq_len, {hidden_size}] for this model")
+        if block_prompts is not None and block_prompts.shape != (num_blocks, *prompts.shape):
+            raise ConfigError(
+                f"{file}: 'block_prompts' must be [{num_blocks}, {prompts.shape[0]}, {hidden_size}] for this model, "
+                f"got {list(block_prompts.shape)}"
+            )
+        soft_prompts = cls(prompts.shape[0], hidden_size, num_blocks=0 if block_prompts is None else num_blocks)
+        with torch.no_grad():
+            soft_prompts.prompts.copy_(prompts)
+            if block_prompts is not None:
+                assert soft_prompts.block_prompts is not None
+                soft_prompts.block_prompts.copy_(block_prompts)
+        return soft_prompts if dtype is None else soft_prompts.to(dtype)
 
     def prepend(self, token_vectors: torch.Tensor) -> torch.Tensor:
         """[batch, seq, hidden] token embeddings -> [batch, pre_seq_len + seq, hidden]."""

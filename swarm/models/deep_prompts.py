@@ -32,10 +32,13 @@ def check_prompts(blocks: Sequence[nn.Module], prompts: torch.Tensor, hidden_sta
 
 
 @contextlib.contextmanager
-def applied_prompts(blocks: Sequence[nn.Module], prompts: torch.Tensor) -> Iterator[None]:
-    """Add `prompts[i]` to the first positions of block i's input while the blocks run inside the `with`."""
+def applied_prompts(blocks: Sequence[nn.Module], prompts: torch.Tensor, position: int = 0) -> Iterator[None]:
+    """Add `prompts[i]` to the first positions of block i's input while the blocks run inside the `with`.
+
+    With `position`, the input is an inference step whose first token sits at that position of the sequence:
+    only the prompt positions it covers get their vectors (none once the step is past the prompt)."""
     handles = [
-        block.register_forward_pre_hook(_prompt_hook(block_prompts), with_kwargs=True)
+        block.register_forward_pre_hook(_prompt_hook(block_prompts[position:]), with_kwargs=True)
         for block, block_prompts in zip(blocks, prompts, strict=True)
     ]
     try:
@@ -47,8 +50,10 @@ def applied_prompts(blocks: Sequence[nn.Module], prompts: torch.Tensor) -> Itera
 
 def _prompt_hook(prompts: torch.Tensor):  # type: ignore[no-untyped-def]
     def add(hidden_states: torch.Tensor) -> torch.Tensor:
-        length = prompts.shape[0]
-        return torch.cat([hidden_states[:, :length] + prompts, hidden_states[:, length:]], dim=1)
+        length = min(prompts.shape[0], hidden_states.shape[1])
+        if length == 0:
+            return hidden_states
+        return torch.cat([hidden_states[:, :length] + prompts[:length], hidden_states[:, length:]], dim=1)
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict]:
         if args:

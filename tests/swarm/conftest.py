@@ -40,9 +40,11 @@ def connect() -> Iterator[Callable[..., DistributedModelForCausalLM]]:
     """Clients that leave the swarm when the module's tests are done."""
     models: list[DistributedModelForCausalLM] = []
 
-    def open_model(model: Path, local_swarm: LocalSwarm, **config: object) -> DistributedModelForCausalLM:
+    def open_model(
+        model: Path, local_swarm: LocalSwarm, adapter: Path | None = None, **config: object
+    ) -> DistributedModelForCausalLM:
         client_config = ClientConfig(initial_peers=tuple(local_swarm.initial_peers), **config)  # type: ignore[arg-type]
-        distributed = AutoDistributedModelForCausalLM.from_pretrained(model, config=client_config)
+        distributed = AutoDistributedModelForCausalLM.from_pretrained(model, config=client_config, adapter=adapter)
         models.append(distributed)
         return distributed
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -99,3 +100,49 @@ def test_lora_adapters_start_as_identity_and_save_in_peft_layout(llama, tmp_path
     assert len(saved) == len(tensors)
     adapter_config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 8.0
+
+
+@pytest.mark.filterwarnings(
+    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
+)  # peft 0.21 on transformers 5
+def test_a_peft_written_adapter_loads_with_its_weights_and_scaling(llama, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(1)
+    peft_config = LoraConfig(
+        r=2, lora_alpha=6, target_modules=["q_proj", "down_proj"], init_lora_weights=False, use_rslora=True
+    )  # random, non-zero B
+    peft_model = get_peft_model(AutoModelForCausalLM.from_config(llama.config), peft_config)
+    peft_model.save_pretrained(tmp_path)
+    layout = probe_layout(llama.config, list(llama.state_dict()))
+
+    adapters = LoraAdapters.from_pretrained(tmp_path, llama.config, layout)
+
+    assert adapters.header == LoraHeader(("self_attn.q_proj", "mlp.down_proj"), 6 / 2**0.5)
+    weights = dict(peft_model.named_parameters())
+    expected = weights["base_model.model.model.layers.1.mlp.down_proj.lora_B.default.weight"]
+    assert bool(expected.abs().max() > 0)
+    torch.testing.assert_close(adapters.lora_B[3], expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"use_dora": True}, "not supported"),
+        ({"bias": "all"}, "not supported"),
+        ({"peft_type": "IA3"}, "only LoRA"),
+        ({"target_modules": ".*proj"}, "list of module names"),
+        ({"r": 3}, r"is \[2, 64\], this model needs \[3, 64\]"),
+    ],
+)
+def test_unsupported_or_mismatched_adapters_are_refused(llama, tmp_path, change, message) -> None:  # type: ignore[no-untyped-def]
+    layout = probe_layout(llama.config, list(llama.state_dict()))
+    LoraAdapters(llama.config, layout, rank=2, alpha=4.0, target_modules=("q_proj",)).save_pretrained(tmp_path)
+    adapter_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**adapter_config, **change}))
+    with pytest.raises(ConfigError, match=message):
+        LoraAdapters.from_pretrained(tmp_path, llama.config, layout)
+
+
+def test_a_directory_without_an_adapter_is_refused(llama, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    layout = probe_layout(llama.config, list(llama.state_dict()))
+    with pytest.raises(ConfigError, match=r"adapter_config\.json"):
+        LoraAdapters.from_pretrained(tmp_path, llama.config, layout)
