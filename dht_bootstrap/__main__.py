@@ -35,6 +35,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from swarm.command_line import command_parser
 from swarm.errors import ConfigError
 from swarm.logs import setup_logging
+from swarm.signed_records import ServerRecordValidator
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         announce_maddrs=list(config.announce_maddrs) or None,
         identity_path=None if config.identity_path is None else str(config.identity_path),
         refresh_timeout=config.refresh_period,  # DHTNode re-walks routing-table buckets this stale, in the background
+        record_validators=[ServerRecordValidator()],  # stores and serves only well-signed server records
         start=False,
     )
     try:

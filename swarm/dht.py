@@ -1,4 +1,5 @@
-"""`start_dht`: a hivemind DHT whose forked process leaves Ctrl-C to its owner.
+"""`start_dht`: a hivemind DHT that checks server records' signatures and whose forked process leaves Ctrl-C to
+its owner.
 
 Ctrl-C in a terminal sends SIGINT to the whole process group. If the DHT process died with its owner, the owner
 could no longer announce itself offline on the way out; so the DHT process ignores SIGINT (the disposition is
@@ -20,15 +21,19 @@ import hivemind
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
 from swarm.errors import ConfigError
+from swarm.signed_records import ServerRecordValidator
 
 _OWNER_SIGNALS = (signal.SIGINT,)
 
 
-def start_dht(initial_peers: Sequence[str], **kwargs: Any) -> hivemind.DHT:
+def start_dht(initial_peers: Sequence[str], *, signing_key: bytes | None = None, **kwargs: Any) -> hivemind.DHT:
+    """A started DHT node that validates server records (swarm/signed_records.py); with `signing_key` (a peer's
+    RSA identity key, DER) it signs its own."""
     os.environ.setdefault("LIBP2P_TCP_REUSEPORT", "false")  # read by the p2pd the DHT starts
     previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _OWNER_SIGNALS}
+    validators = [ServerRecordValidator(signing_key)]
     try:
-        return hivemind.DHT(initial_peers=list(initial_peers), start=True, **kwargs)
+        return hivemind.DHT(initial_peers=list(initial_peers), start=True, record_validators=validators, **kwargs)
     except P2PDaemonError as e:
         raise ConfigError(f"could not join the swarm through --initial-peers {' '.join(initial_peers)}: {e}") from e
     finally:
