@@ -240,7 +240,7 @@ def _connect(args: argparse.Namespace) -> swarm.DistributedModelForCausalLM:
         model_prefix=args.model_prefix or "",
         connect_timeout=args.connect_timeout,
     )
-    return swarm.AutoDistributedModelForCausalLM.from_pretrained(args.model, config=config)
+    return swarm.AutoDistributedModelForCausalLM.from_pretrained(args.model, config=config, adapter=args.adapter)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -284,6 +284,8 @@ def run_finetune(args: argparse.Namespace) -> int:
             matchmaking_time=args.matchmaking_time,
             averaging_timeout=args.averaging_timeout,
             compression=args.compression,
+            local_steps=args.local_steps,
+            outer_lr=args.outer_lr,
         ),
         tuning=TuningConfig(mode=args.method, pre_seq_len=args.pre_seq_len, lora_rank=args.lora_rank),
         data=Path(args.data),
@@ -362,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-new-tokens", "--max_new_tokens", type=_positive_int, default=32, help="default: %(default)s")
     add("--connect-timeout", "--connect_timeout", type=float, default=10.0,
         help="seconds to wait for peers covering every block (default: %(default)s)")  # fmt: skip
+    add("--adapter", metavar="DIR",
+        help="apply a trained adapter: a PEFT LoRA directory or soft prompts (`swarm finetune --output`)")  # fmt: skip
     add("--greedy", action="store_true", help="always take the likeliest token (deterministic); default: sample")
     add("--temperature", type=float, help="sampling temperature (default: the model's generation config)")
     add("--top-k", "--top_k", type=int, help="sample among the k likeliest tokens")
@@ -384,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--served-model-name", "--served_model_name", help="the model id clients send (default: MODEL as given)")
     add("--connect-timeout", "--connect_timeout", type=float, default=10.0,
         help="seconds a request waits for peers covering every block before a 503 (default: %(default)s)")  # fmt: skip
+    add("--adapter", metavar="DIR",
+        help="apply a trained adapter: a PEFT LoRA directory or soft prompts (`swarm finetune --output`)")  # fmt: skip
     serve.set_defaults(run=run_serve)
 
     finetune = commands.add_parser(
@@ -401,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop when the run's epoch (averaged optimizer steps) reaches this")  # fmt: skip
     add("--output", required=True, help="directory for the trained adapter (PEFT format) or prompts")
     add("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
+    add("--local-steps", "--local_steps", type=_positive_int, default=1, metavar="H",
+        help="AdamW steps each trainer takes alone between averaging rounds; above 1 (DiLoCo), the rounds average "
+        "the change in the parameters and apply it with Nesterov SGD, so a trainer communicates H times less often; "
+        "then set --target-batch-size to about trainers x H x --batch-size (default: %(default)s)")  # fmt: skip
+    add("--outer-lr", "--outer_lr", type=float, default=0.7,
+        help="with --local-steps above 1: the outer Nesterov SGD's learning rate (default: %(default)s)")  # fmt: skip
     add("--seq-len", "--seq_len", type=_positive_int, default=64, help="tokens per example (default: %(default)s)")
     add(
         "--pre-seq-len",

@@ -1,7 +1,8 @@
 """The wire contract between peers, clients and monitors: DHT keys and records, RPC names, request metadata.
 
 DHT layout (hivemind Kademlia, values msgpack-encoded by hivemind):
-  * `{model_prefix}.{block_index}`  subkey = peer id (base58)  -> `ServerInfo.to_wire()`, one per hosted block
+  * `{model_prefix}.{block_index}`  subkey = peer id (base58)  -> `ServerInfo.to_wire()`, one per hosted block,
+                                   signed by that peer's identity key (swarm/signed_records.py)
   * `blockswarm.models`            subkey = model prefix       -> `ModelRecord.to_wire()`, one per served model
 
 RPCs (hivemind P2P protobuf handlers; requests are `ExpertRequest`, replies `ExpertResponse`, metadata msgpack):

@@ -1,4 +1,5 @@
-"""Gradient averaging between trainers that join one run, with `hivemind.Optimizer`.
+"""Averaging between trainers that join one run, with `hivemind.Optimizer`: of gradients every step, or (DiLoCo)
+of the parameter change after several local steps.
 
 Each trainer accumulates gradients of its trainable parameters (prompts, LoRA adapters; the blocks stay frozen
 on the peers) until the run as a whole has processed `target_batch_size` samples. Then the trainers form a group
@@ -8,6 +9,16 @@ Trainers may join and leave at any time:
     optimizer state from another trainer (`load_state_from_peers`);
   * one that dies costs the others at most one `averaging_timeout`: their round fails to form a group with it and
     they proceed with what they have.
+
+With `local_steps` H > 1 (DiLoCo, arXiv:2311.08105), `LocalStepsOptimizer` puts a local inner optimizer (AdamW)
+in front: each trainer takes H inner steps on its own batches without talking to anyone, then hands the
+"outer gradient" θ_start − θ_now to the `hivemind.Optimizer`, whose wrapped optimizer is Nesterov SGD
+(`outer_lr`, `outer_momentum`). An epoch is then one averaged outer step, and a trainer communicates once per
+H local steps. hivemind counts H × batch_size_per_step samples per outer gradient and averages what it
+accumulated (mean of this trainer's outer gradients, then weighted by samples across trainers), so a
+`target_batch_size` of about trainers × H × batch_size gives one outer step per trainer per epoch. Until the run
+reaches its target the outer gradient waits in hivemind's accumulator and the parameters restart from θ_start,
+the last parameters the run agreed on, so every accumulated outer gradient starts from the same point.
 
 The trainers' DHT nodes stay in client mode (as every client's), but their averagers must not: client-mode averagers
 only join groups that hold a full one, so a run of clients alone would never average. hivemind 1.1.12 gives the
@@ -23,11 +34,12 @@ than the one that holds the other trainers' records; a trainer started after the
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import hivemind
 import torch
+from hivemind.optim.progress_tracker import ProgressTracker
 
 from swarm.compression import AVERAGING_CODECS, averaging_codec
 from swarm.errors import ConfigError
@@ -46,6 +58,9 @@ class CollaborationConfig:
     averaging_timeout: float = 30.0  # seconds a round may take before a trainer proceeds with its own gradients
     compression: str = "none"  # averaging traffic: "none", "fp16" or "8bit" (swarm.compression.averaging_codec)
     load_state_timeout: float = 60.0  # seconds a late joiner waits for another trainer's state
+    local_steps: int = 1  # inner steps between outer steps (DiLoCo's H); 1: average gradients at every step
+    outer_lr: float = 0.7  # local_steps > 1: learning rate of the outer Nesterov SGD (DiLoCo's 0.7)
+    outer_momentum: float = 0.9  # local_steps > 1: its momentum (DiLoCo's 0.9; 0 makes it plain SGD)
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -56,6 +71,79 @@ class CollaborationConfig:
             raise ConfigError("matchmaking_time, averaging_timeout and load_state_timeout must be positive")
         if self.compression not in AVERAGING_CODECS:
             raise ConfigError(f"compression {self.compression!r} is not one of {', '.join(AVERAGING_CODECS)}")
+        if self.local_steps < 1:
+            raise ConfigError(
+                f"local_steps must be at least 1 (1: average gradients every step), got {self.local_steps}"
+            )
+        if self.outer_lr <= 0:
+            raise ConfigError(f"outer_lr must be positive (DiLoCo uses 0.7), got {self.outer_lr}")
+        if not 0 <= self.outer_momentum < 1:
+            raise ConfigError(f"outer_momentum must be in [0, 1) (DiLoCo uses 0.9), got {self.outer_momentum}")
+
+
+def load_outer_gradients_(params: Sequence[torch.nn.Parameter], start: Sequence[torch.Tensor]) -> None:
+    """DiLoCo's outer gradient: set each parameter's `.grad` to `start - param` (the local steps' change, negated,
+    so that an SGD step with lr 1 and no momentum lands on the local result) and move the parameter back to start."""
+    with torch.no_grad():
+        for param, begin in zip(params, start, strict=True):
+            param.grad = begin - param
+            param.copy_(begin)
+
+
+class LocalStepsOptimizer:
+    """`local_steps` inner steps on this trainer alone, then one outer step averaged with the run (DiLoCo).
+
+    Used like `hivemind.Optimizer`: `loss.backward(); opt.step(); opt.zero_grad()` once per local batch;
+    `local_epoch` counts the run's outer steps. The inner optimizer's state (AdamW's moments) stays local.
+    """
+
+    def __init__(
+        self,
+        outer: hivemind.Optimizer,
+        inner: torch.optim.Optimizer,
+        params: Sequence[torch.nn.Parameter],
+        local_steps: int,
+    ):
+        self.outer, self.inner, self.local_steps = outer, inner, local_steps
+        self._params = list(params)
+        self._start = self._snapshot()  # θ_start: the parameters the run last agreed on
+        self._steps_since_outer = 0
+
+    @property
+    def local_epoch(self) -> int:
+        return self.outer.local_epoch
+
+    @property
+    def tracker(self) -> ProgressTracker:
+        return self.outer.tracker
+
+    def step(self) -> None:
+        """After `loss.backward()`: an inner step; every `local_steps`-th one then hands the run an outer gradient."""
+        self.inner.step()
+        self._steps_since_outer += 1
+        if self._steps_since_outer < self.local_steps:
+            return
+        self._steps_since_outer = 0
+        epoch = self.outer.local_epoch
+        load_outer_gradients_(self._params, self._start)
+        # accumulates the outer gradient; once the run has its target batch: averages and steps. A trainer behind
+        # the run downloads its state here instead. Either way the parameters now are the run's: the next start.
+        self.outer.step()
+        self._start = self._snapshot()
+        if self.outer.local_epoch == epoch:
+            logger.debug("epoch %d not reached: restarting local steps from the run's parameters", epoch + 1)
+
+    def zero_grad(self) -> None:
+        self.inner.zero_grad(set_to_none=True)
+
+    def shutdown(self) -> None:
+        self.outer.shutdown()
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        return [param.detach().clone() for param in self._params]
+
+
+CollaborativeOptimizer = hivemind.Optimizer | LocalStepsOptimizer
 
 
 def collaborative_optimizer(
@@ -63,9 +151,10 @@ def collaborative_optimizer(
     params: Iterable[torch.nn.Parameter],
     config: CollaborationConfig,
     inner_optimizer: InnerOptimizer,
-) -> hivemind.Optimizer:
-    """A `hivemind.Optimizer` for `params` in the run `config.run_id`; `inner_optimizer(params)` makes the torch
-    optimizer that takes each averaged step. Use it like a torch optimizer: `loss.backward(); opt.step();
+) -> CollaborativeOptimizer:
+    """An optimizer for `params` in the run `config.run_id`. With `config.local_steps` 1, a `hivemind.Optimizer`
+    whose averaged steps `inner_optimizer(params)` takes; above 1, a `LocalStepsOptimizer` whose local steps it
+    takes, between averaged Nesterov SGD steps. Use either like a torch optimizer: `loss.backward(); opt.step();
     opt.zero_grad()`; `opt.local_epoch` counts the run's steps.
 
     Create it before anything starts threads in this process (the averagers fork), e.g. before the first
@@ -75,19 +164,43 @@ def collaborative_optimizer(
     params = list(params)
     if not params:
         raise ConfigError("nothing to train: pick a tuning mode (ptune, deep-ptune, lora) or unfreeze a module")
+    if config.local_steps == 1:
+        return _hivemind_optimizer(dht, params, config, inner_optimizer, config.batch_size_per_step)
+    lr, momentum = config.outer_lr, config.outer_momentum
+    outer = _hivemind_optimizer(
+        dht,
+        params,
+        config,
+        lambda outer_params: torch.optim.SGD(outer_params, lr=lr, momentum=momentum, nesterov=momentum > 0),
+        config.local_steps * config.batch_size_per_step,  # samples behind each outer gradient
+        # the outer momentum too: a trainer that took an epoch alone would otherwise keep a momentum of its own
+        average_opt_statistics=("momentum_buffer",) if momentum > 0 else (),
+    )
+    return LocalStepsOptimizer(outer, inner_optimizer(params), params, config.local_steps)
+
+
+def _hivemind_optimizer(
+    dht: hivemind.DHT,
+    params: list[torch.nn.Parameter],
+    config: CollaborationConfig,
+    optimizer: InnerOptimizer,
+    batch_size_per_step: int,
+    average_opt_statistics: tuple[str, ...] = (),
+) -> hivemind.Optimizer:
     codec = averaging_codec(config.compression)
     return hivemind.Optimizer(
         dht=dht,
         run_id=config.run_id,
         params=params,
-        optimizer=inner_optimizer,
+        optimizer=optimizer,
         target_batch_size=config.target_batch_size,
-        batch_size_per_step=config.batch_size_per_step,
+        batch_size_per_step=batch_size_per_step,
         matchmaking_time=config.matchmaking_time,
         averaging_timeout=config.averaging_timeout,
         load_state_timeout=config.load_state_timeout,
         grad_compression=codec,
         state_averaging_compression=codec,
+        average_opt_statistics=average_opt_statistics,
         # hivemind warns when request_timeout (default 3 s) exceeds the matchmaking time
         averager_opts=dict(request_timeout=min(3.0, config.matchmaking_time / 2)),
         verbose=logger.isEnabledFor(logging.INFO),

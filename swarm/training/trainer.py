@@ -1,6 +1,7 @@
 """`finetune`: what `swarm finetune` runs. A text file becomes equal-length token chunks; each local step trains
 the client's trainable parameters (soft prompts or LoRA adapters) on a random batch of them, through the swarm's
-frozen blocks, and a `hivemind.Optimizer` averages the gradients of every trainer in the run (averaging.py).
+frozen blocks. A `hivemind.Optimizer` averages the gradients of every trainer in the run or, with `local_steps`
+H > 1, the change that H local AdamW steps made to the parameters (DiLoCo; averaging.py).
 
 Data: `.txt` gives one example per non-empty line, `.jsonl` one per line from its "text" field. Each example is
 tokenized and ends with the EOS token; all of them are concatenated and cut into chunks of `seq_len` tokens, so
@@ -22,9 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import hivemind
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -32,13 +31,12 @@ from swarm.client.remote_model import AutoDistributedModelForCausalLM, Distribut
 from swarm.client.tuning import TuningConfig
 from swarm.config import ClientConfig
 from swarm.errors import ConfigError
-from swarm.training.averaging import CollaborationConfig, collaborative_optimizer
+from swarm.training.averaging import CollaborationConfig, CollaborativeOptimizer, collaborative_optimizer
 from swarm.training.metrics import TrainingMetrics
 
 logger = logging.getLogger(__name__)
 
 INIT_SEED = 0  # seeds the trainable parameters' initialisation, the same in every trainer of a run
-PROMPTS_FILE = "prompts.safetensors"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +47,8 @@ class FinetuneConfig:
     tuning: TuningConfig
     data: Path  # .txt or .jsonl
     output: Path  # where the trained parameters go
-    max_steps: int  # stop once the run's epoch (averaged optimizer steps) reaches this
-    lr: float = 1e-3
+    max_steps: int  # stop once the run's epoch (averaged optimizer steps, outer ones with local_steps > 1) reaches this
+    lr: float = 1e-3  # AdamW's: at every averaged step, or (local_steps > 1) at every local step
     seq_len: int = 64  # tokens per training example
     seed: int | None = None  # data order of this trainer; None: a fresh random one, so trainers see different batches
 
@@ -117,11 +115,7 @@ def save_trainable(model: DistributedModelForCausalLM, output: Path, base_model:
         return output / "adapter_model.safetensors"
     if model.prompts is None:
         raise ConfigError("this model has neither LoRA adapters nor soft prompts to save")
-    tensors = {"prompts": model.prompts.prompts.detach().contiguous()}
-    if model.prompts.block_prompts is not None:
-        tensors["block_prompts"] = model.prompts.block_prompts.detach().contiguous()
-    save_file(tensors, output / PROMPTS_FILE, metadata={"format": "pt"})
-    return output / PROMPTS_FILE
+    return model.prompts.save_pretrained(output)
 
 
 def finetune(config: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> Path:
@@ -155,7 +149,7 @@ def finetune(config: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> Path
 
 
 def _train(
-    model: DistributedModelForCausalLM, optimizer: hivemind.Optimizer, data: Iterator[torch.Tensor], max_steps: int
+    model: DistributedModelForCausalLM, optimizer: CollaborativeOptimizer, data: Iterator[torch.Tensor], max_steps: int
 ) -> None:
     epoch = optimizer.local_epoch
     losses: list[float] = []

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarm.cli import build_parser, print_status, status_document
@@ -200,6 +201,32 @@ def test_generate_streams_the_local_models_greedy_text(full_swarm: LocalSwarm, d
     assert run.stdout == PROMPT + new_text + "\n"
     assert "Route: 0:3 via …" in run.stderr
     assert "8 tokens in " in run.stderr and "tokens/s" in run.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft 0.21
+def test_generate_with_an_adapter_streams_peft_greedy_text(
+    full_swarm: LocalSwarm, demo_model: Path, tmp_path: Path
+) -> None:
+    torch.manual_seed(3)
+    lora = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    local = get_peft_model(AutoModelForCausalLM.from_pretrained(demo_model), lora).eval()
+    local.save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = local.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=8)
+        with local.disable_adapter():
+            plain = local.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=8)
+    assert not torch.equal(expected, plain), "the adapter must change the text, or the test proves nothing"
+
+    run = run_cli(
+        "generate", str(demo_model), "--initial-peers", *full_swarm.initial_peers,
+        "--prompt", PROMPT, "--max-new-tokens", "8", "--greedy", "--adapter", str(tmp_path),
+    )  # fmt: skip
+
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == PROMPT + tokenizer.decode(expected[0, input_ids.shape[1] :], skip_special_tokens=True) + "\n"
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""Several `swarm finetune` processes in one run: they average gradients, agree, survive a dead trainer and let a
-late one catch up. Real swarm, real trainer processes, all on 127.0.0.1, each stopped by PID.
+"""Several `swarm finetune` processes in one run: they average gradients (or, with --local-steps, parameter changes),
+agree, survive a dead trainer and let a late one catch up. Real swarm, real trainer processes, all on 127.0.0.1,
+each stopped by PID.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from tests.prometheus_tools import http_get, promtool, scrape, wait_for
 pytestmark = pytest.mark.slow
 
 EPOCH_LINE = r"^epoch (\d+): loss ([0-9.]+) over"
+STEPS_LINE = r"^epoch \d+: loss [0-9.]+ over (\d+) steps"
+ROUND_LINE = "Beginning optimizer step #"  # hivemind, at INFO: the start of each averaged optimizer step
 METRICS_LINE = r"Metrics at (http://127\.0\.0\.1:\d+/metrics)"
 SAVED_LINE = r"^saved (\S+) at epoch (\d+)$"
 PARAM_ATOL = 1e-6  # uncompressed averaging: trainers that share every round take identical steps (measured 0.0)
@@ -150,3 +153,31 @@ def test_late_trainer_catches_up_and_a_dead_one_stalls_nobody(start_trainer) -> 
     for trainer in (first, late):
         _finish(trainer)
         assert _epoch_losses(trainer)[-1][0] == max_steps
+
+
+def test_local_steps_average_once_per_h_steps_and_end_with_equal_adapters(start_trainer) -> None:  # type: ignore[no-untyped-def]
+    """DiLoCo: H local AdamW steps, then an outer gradient for the run; one averaged outer step per epoch.
+
+    The target batch (512) is the other tests': each trainer's first epoch must outlast hivemind's first refresh of
+    the run's progress (3 s), or both trainers take it alone (10 ms steps here) and start apart."""
+    max_steps, local_steps = 4, 4
+    flags = ["--compression", "none", "--local-steps", str(local_steps)]
+    trainers = [start_trainer(name, "run-local-steps", max_steps, *flags) for name in ("a", "b")]
+    saved = [_finish(trainer) for trainer in trainers]
+
+    for trainer in trainers:
+        output = trainer.output()
+        assert "Averaged gradients with 2 peers" in output, output[-4000:]
+        losses = _epoch_losses(trainer)
+        assert losses[-1][0] == max_steps
+        assert losses[-1][1] < losses[0][1], f"{trainer.name}: loss did not decrease: {losses}"
+        # epochs change only in an outer step, which every H-th local step takes
+        steps = [int(n) for n in re.findall(STEPS_LINE, trainer.output("stdout"), flags=re.MULTILINE)]
+        assert steps and all(n % local_steps == 0 for n in steps), steps
+        rounds = output.count(ROUND_LINE)  # averaging rounds: one per epoch
+        print(f"{trainer.name}: {sum(steps)} local steps, {rounds} averaging rounds, epoch losses {losses}")
+        assert rounds <= max_steps < sum(steps) // local_steps, (rounds, steps)
+    first, second = (load_file(path) for path in saved)
+    differences = {name: float((first[name] - second[name]).abs().max()) for name in first}
+    print(f"max |adapter difference| between the trainers: {max(differences.values()):.3g}")
+    assert max(differences.values()) <= PARAM_ATOL, differences

@@ -64,7 +64,15 @@ def test_averaging_codecs_round_trip_gradients() -> None:
 
 @pytest.mark.parametrize(
     "changes",
-    [dict(run_id=""), dict(target_batch_size=0), dict(matchmaking_time=0.0), dict(compression="zip")],
+    [
+        dict(run_id=""),
+        dict(target_batch_size=0),
+        dict(matchmaking_time=0.0),
+        dict(compression="zip"),
+        dict(local_steps=0),
+        dict(outer_lr=0.0),
+        dict(outer_momentum=1.0),
+    ],
 )
 def test_collaboration_config_rejects_bad_values(changes: dict[str, object]) -> None:
     fields: dict[str, object] = dict(run_id="run", target_batch_size=64, batch_size_per_step=4) | changes
