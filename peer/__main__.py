@@ -70,6 +70,20 @@ def build_parser() -> configargparse.ArgumentParser:
         help="most tokens one inference session may reach")  # fmt: skip
     add("--session-idle-timeout", "--session_idle_timeout", type=float, default=defaults.session_idle_timeout,
         help="seconds an inference session may wait between steps")  # fmt: skip
+    add("--max-sessions-per-client", "--max_sessions_per_client", type=int,
+        default=defaults.max_sessions_per_client,
+        help="inference sessions one client (remote peer id) may hold open here at once, so that no client takes "
+        "them all; a client over it is told so and tries other peers (64 covers the concurrent generations of "
+        "one `swarm serve` gateway)")  # fmt: skip
+    add("--max-requests-per-client", "--max_requests_per_client", type=int,
+        default=defaults.max_requests_per_client,
+        help="forward/backward (training) calls one client may have in flight here; one more is refused "
+        "(64 covers a large batch sent as parallel parts)")  # fmt: skip
+    add("--max-message-bytes", "--max_message_bytes", default=None,
+        help="refuse any request message, and any chunked stream in total, larger than this (e.g. 512MiB) "
+        "before decoding it (default: twice a backward call at --max-batch-size x --inference-max-length "
+        "in float32, the other half for adapters; at least 64MiB); below 4MiB it refuses ordinary requests "
+        "too")  # fmt: skip
     add("--public-name", "--public_name", default="", help="a name shown in swarm status and monitors")
     add("--model-prefix", "--model_prefix", default="", help="DHT key prefix (default: derived from the model name)")
     add("--update-period", "--update_period", type=float, default=defaults.update_period,
@@ -106,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
             max_batch_size=args.max_batch_size,
             inference_max_length=args.inference_max_length,
             session_idle_timeout=args.session_idle_timeout,
+            max_sessions_per_client=args.max_sessions_per_client,
+            max_requests_per_client=args.max_requests_per_client,
+            max_message_bytes=parse_size(args.max_message_bytes, "--max-message-bytes"),
             public_name=args.public_name,
             model_prefix=args.model_prefix,
             update_period=args.update_period,

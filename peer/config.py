@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from swarm.errors import ConfigError
 
+MIN_DEFAULT_MESSAGE_BYTES = 64 * 2**20  # the derived --max-message-bytes never goes below this: room for adapters
+DEFAULT_MAX_SESSIONS_PER_CLIENT = 64  # a gateway (one client) runs up to 64 generations at once, each a session
+DEFAULT_MAX_REQUESTS_PER_CLIENT = 64  # a client sends a large batch as parallel parts of max_sub_batch_size rows
+
 
 @dataclass(frozen=True, slots=True)
 class PeerConfig:
@@ -23,6 +27,9 @@ class PeerConfig:
     max_batch_size: int = 8
     inference_max_length: int = 4096  # tokens one inference session may reach
     session_idle_timeout: float = 600.0  # seconds a session may wait between steps
+    max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT  # inference sessions one remote peer may hold
+    max_requests_per_client: int = DEFAULT_MAX_REQUESTS_PER_CLIENT  # forward/backward calls in flight per remote peer
+    max_message_bytes: int | None = None  # per message and per chunked stream; None: default_max_message_bytes()
     public_name: str = ""
     model_prefix: str = ""  # DHT key prefix; derived from the model name when empty
     update_period: float = 30.0  # seconds between DHT announcements; records live 3 periods
@@ -58,9 +65,17 @@ class PeerConfig:
             raise ConfigError("--network-bandwidth must be positive")
         if not self.initial_peers and not self.new_swarm:
             raise ConfigError("pass --initial-peers MULTIADDR to join a swarm, or --new-swarm to start one")
-        for name in ("cache_tokens", "max_batch_size", "inference_max_length"):
+        for name in (
+            "cache_tokens",
+            "max_batch_size",
+            "inference_max_length",
+            "max_sessions_per_client",
+            "max_requests_per_client",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if self.max_message_bytes is not None and self.max_message_bytes <= 0:
+            raise ConfigError("--max-message-bytes must be positive")
         if self.update_period <= 0 or self.session_idle_timeout <= 0:
             raise ConfigError("--update-period and --session-idle-timeout must be positive")
         if self.drain_timeout < 0:
@@ -80,7 +95,16 @@ def parse_blocks(text: str | None) -> tuple[int | None, int | None]:
         raise ConfigError(f"--blocks must look like START:END (for example 0:12), got {text!r}") from None
 
 
-def parse_size(text: str | None) -> int | None:
+def default_max_message_bytes(max_batch_size: int, inference_max_length: int, hidden_size: int) -> int:
+    """Twice the largest legitimate request, so that no honest client is refused: a backward call carries hidden
+    states and their gradients of up to [max_batch_size, inference_max_length, hidden_size] each, in float32 (the
+    widest dtype clients send); the other half is room for its LoRA tensors and deep prompts. At least
+    `MIN_DEFAULT_MESSAGE_BYTES`, for small models whose adapters can outweigh their activations."""
+    backward_bytes = 2 * max_batch_size * inference_max_length * hidden_size * 4
+    return max(2 * backward_bytes, MIN_DEFAULT_MESSAGE_BYTES)
+
+
+def parse_size(text: str | None, flag: str = "--memory-budget") -> int | None:
     """'8GiB', '500MB', '1.5G', '1024' (bytes) -> bytes."""
     if text is None:
         return None
@@ -91,4 +115,4 @@ def parse_size(text: str | None) -> int | None:
     try:
         return int(float(number) * units[unit])
     except (ValueError, KeyError):
-        raise ConfigError(f"--memory-budget must look like 8GiB, 500MB or a number of bytes, got {text!r}") from None
+        raise ConfigError(f"{flag} must look like 8GiB, 500MB or a number of bytes, got {text!r}") from None

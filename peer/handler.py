@@ -1,26 +1,32 @@
 """The peer's RPC surface: decode -> validate -> runtime -> encode. No model math lives here.
 
 Every bad request is answered with an `ErrorReply` to that caller only; the peer keeps serving everyone else.
+Before anything is decoded, each remote peer is held to its share (`PerClientLimit`: open sessions, calls in
+flight) and each message, and each chunked stream as a whole, to `max_message_bytes`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.utils.asyncio import as_aiter
 from prometheus_client import CollectorRegistry
 
 from monitoring.peer_metrics import PeerMetrics
+from peer.config import PeerConfig, default_max_message_bytes
 from peer.kv_cache import KVCacheBudget
 from peer.runtime import BlockRuntime, RequestAdapters
 from swarm import messages
+from swarm.asyncio_compat import asyncio_timeout
 from swarm.errors import CacheFullError, ProtocolError, RequestRejected
 from swarm.logs import short_id
 from swarm.models import BlockSlice
@@ -44,12 +50,34 @@ from swarm.protocol import (
 
 logger = logging.getLogger(__name__)
 
+DROP_REST_TIMEOUT = 30.0  # seconds a refused stream is read on; the client's request_timeout, after which it gave up
+
 
 @dataclass(frozen=True, slots=True)
 class HandlerLimits:
     inference_max_length: int  # tokens per sequence in one inference session
     max_batch_size: int
     session_idle_timeout: float  # seconds a session may wait for its next step
+    max_sessions_per_client: int  # inference sessions one remote peer may hold open at once
+    max_requests_per_client: int  # stateless forward/backward calls one remote peer may have in flight
+    max_message_bytes: int  # largest request message, and largest chunked stream in total
+
+    @classmethod
+    def from_config(cls, config: PeerConfig, hidden_size: int) -> HandlerLimits:
+        """The limits `config` sets; an unset --max-message-bytes is derived from the model's hidden size."""
+        max_message_bytes = config.max_message_bytes
+        if max_message_bytes is None:
+            max_message_bytes = default_max_message_bytes(
+                config.max_batch_size, config.inference_max_length, hidden_size
+            )
+        return cls(
+            config.inference_max_length,
+            config.max_batch_size,
+            config.session_idle_timeout,
+            config.max_sessions_per_client,
+            config.max_requests_per_client,
+            max_message_bytes,
+        )
 
 
 _SpanComputation = Callable[[dict[str, Any], list[torch.Tensor]], Awaitable[list[torch.Tensor]]]
@@ -59,6 +87,46 @@ class _Refusal(Exception):
     def __init__(self, kind: ErrorKind, message: str):
         super().__init__(message)
         self.reply = ErrorReply(kind, message)
+
+
+class PerClientLimit:
+    """How many of something (sessions, calls in flight) each remote peer holds here; one beyond `limit` is refused,
+    so that a single client cannot take every slot of this peer while others wait.
+
+    Only remote peers that hold something have an entry, so the map stays as small as what is open. One event loop
+    owns it: no locking.
+    """
+
+    def __init__(self, limit: int, kind: ErrorKind, what: str, flag: str):
+        if limit <= 0:
+            raise ValueError(f"{flag} must be positive")
+        self.limit = limit
+        self._kind = kind  # chosen by how the client reacts to it (see BlockHandler.__init__)
+        self._what = what
+        self._flag = flag
+        self._held: dict[PeerID, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, client: PeerID) -> Iterator[None]:
+        """Count one for `client` while the block runs, however it ends; raise `_Refusal` if it has `limit` already."""
+        held = self._held.get(client, 0)
+        if held >= self.limit:
+            raise _Refusal(
+                self._kind,
+                f"this client already has {held} {self._what} on this peer, the most it allows one client "
+                f"({self._flag}); wait until one ends",
+            )
+        self._held[client] = held + 1
+        try:
+            yield
+        finally:
+            if self._held[client] == 1:
+                del self._held[client]
+            else:
+                self._held[client] -= 1
+
+    def held_by(self, client: PeerID) -> int:
+        return self._held.get(client, 0)
 
 
 class BlockHandler:
@@ -76,6 +144,17 @@ class BlockHandler:
         self.runtime = runtime
         self.budget = budget
         self.limits = limits
+        # A session refused as UNAVAILABLE is skipped for that session only and the client tries other peers; a
+        # stateless call refused so would make the client ban this peer, so it is refused as BAD_REQUEST instead,
+        # which reaches the caller as is.
+        self.sessions = PerClientLimit(
+            limits.max_sessions_per_client, ErrorKind.UNAVAILABLE, "inference sessions open",
+            "--max-sessions-per-client",
+        )  # fmt: skip
+        self.calls = PerClientLimit(
+            limits.max_requests_per_client, ErrorKind.BAD_REQUEST, "forward/backward calls in flight",
+            "--max-requests-per-client",
+        )  # fmt: skip
         self._peer_info = peer_info
         self._accepting_sessions = accepting_sessions
         self.metrics = metrics or PeerMetrics(CollectorRegistry())  # unexported when the peer serves no metrics
@@ -171,15 +250,15 @@ class BlockHandler:
             session_open = InferenceOpen.from_wire(metadata["open"])
             span = self._span(session_open.start, session_open.end)
             self._check_session(session_open)
-            tensors = messages.tensors_of(first)
-            if not tensors:
-                raise _Refusal(ErrorKind.BAD_REQUEST, "expected the hidden states, got no tensor")
-            hidden_states, adapter = tensors[0], tensors[1:]
-            self._check_hidden(hidden_states, span, max_batch=session_open.batch_size)
-            adapters = self._adapters(metadata, span, hidden_states, adapter)
-            if adapters is not None:
-                adapters = adapters.on(span.device, span.dtype)  # once: every step of the session applies them
-            with self.budget.reserve(session_open.cache_tokens):
+            with self.sessions.hold(context.remote_id), self.budget.reserve(session_open.cache_tokens):
+                tensors = messages.tensors_of(first)
+                if not tensors:
+                    raise _Refusal(ErrorKind.BAD_REQUEST, "expected the hidden states, got no tensor")
+                hidden_states, adapter = tensors[0], tensors[1:]
+                self._check_hidden(hidden_states, span, max_batch=session_open.batch_size)
+                adapters = self._adapters(metadata, span, hidden_states, adapter)
+                if adapters is not None:
+                    adapters = adapters.on(span.device, span.dtype)  # once: every step of the session applies them
                 logger.debug("Session from %s opened: blocks %d:%d", peer, session_open.start, session_open.end)
                 cache = span.new_cache()
                 request: runtime_pb2.ExpertRequest | None = first
@@ -220,8 +299,10 @@ class BlockHandler:
     ) -> runtime_pb2.ExpertResponse:
         """A stateless call in one message each way."""
         try:
-            metadata, tensors = messages.unpack_metadata(request.metadata), messages.tensors_of(request)
-            return messages.response(await compute(metadata, tensors))
+            with self.calls.hold(context.remote_id):
+                self._check_size(request.ByteSize(), "the request")
+                metadata, tensors = messages.unpack_metadata(request.metadata), messages.tensors_of(request)
+                return messages.response(await compute(metadata, tensors))
         except Exception as e:
             return messages.error_response(self._classify(e, short_id(context.remote_id)))
 
@@ -230,10 +311,13 @@ class BlockHandler:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """A stateless call whose payload is too large for one message: chunks in, chunks out."""
         try:
-            metadata, tensors = await messages.read_chunked_messages(requests)
-            outputs = await compute(metadata, tensors)
+            with self.calls.hold(context.remote_id):
+                chunks = await self._read_chunks(requests)
+                metadata, tensors = await messages.read_chunked_messages(as_aiter(*chunks))
+                outputs = await compute(metadata, tensors)
         except Exception as e:
             yield messages.error_response(self._classify(e, short_id(context.remote_id)))
+            await self._drop_rest(requests)
             return
         for message in messages.to_chunked_messages(runtime_pb2.ExpertResponse, outputs):
             yield message
@@ -324,11 +408,42 @@ class BlockHandler:
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest]
     ) -> runtime_pb2.ExpertRequest | None:
         try:
-            return await asyncio.wait_for(anext(requests), timeout=self.limits.session_idle_timeout)
+            request = await asyncio.wait_for(anext(requests), timeout=self.limits.session_idle_timeout)
         except StopAsyncIteration:
             return None
         except asyncio.TimeoutError:
             raise _Refusal(ErrorKind.BAD_REQUEST, "session idle for too long; closed") from None
+        self._check_size(request.ByteSize(), "an inference step")
+        return request
+
+    async def _read_chunks(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> list[runtime_pb2.ExpertRequest]:
+        """Every message of a chunked stream, undecoded: the stream is refused as soon as it grows past
+        `max_message_bytes`, so no tensor of an over-size stream is ever decoded, and what is held stays bounded."""
+        chunks: list[runtime_pb2.ExpertRequest] = []
+        total = 0
+        async for request in requests:
+            total += request.ByteSize()
+            self._check_size(total, f"the chunked stream (after {len(chunks) + 1} message(s))")
+            chunks.append(request)
+        return chunks
+
+    @staticmethod
+    async def _drop_rest(requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> None:
+        """Read what the caller still sends after a refusal and drop it: a stream closed with unread data is reset,
+        and the refusal sent just before can be lost with it. Gives up after `DROP_REST_TIMEOUT`."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio_timeout(DROP_REST_TIMEOUT):
+                async for _ in requests:
+                    pass
+
+    def _check_size(self, size: int, what: str) -> None:
+        """Refuse a message (or a stream so far) larger than any legitimate request, before it is decoded."""
+        if size > self.limits.max_message_bytes:
+            raise _Refusal(
+                ErrorKind.BAD_REQUEST,
+                f"{what} has {size} bytes, more than this peer's --max-message-bytes of "
+                f"{self.limits.max_message_bytes}; send fewer rows or tokens per request",
+            )
 
     def _span(self, start: int, end: int) -> BlockSlice:
         if not self.runtime.start <= start < end <= self.runtime.end:

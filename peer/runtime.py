@@ -49,10 +49,13 @@ class RequestAdapters:
 class BlockRuntime:
     """Forward, backward and cached inference steps over blocks [start, end) of the hosted slice."""
 
-    def __init__(self, block_slice: BlockSlice):
+    def __init__(self, block_slice: BlockSlice, output_noise: float = 0.0):
         self.block_slice = block_slice
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-runtime")
         self._sub_slices: dict[tuple[int, int], BlockSlice] = {}
+        # A faulty peer, for tests of the clients' spot checks only: Gaussian noise of this std on every output.
+        self.output_noise = output_noise
+        self._noise = torch.Generator().manual_seed(0)
 
     @property
     def start(self) -> int:
@@ -78,12 +81,12 @@ class BlockRuntime:
     ) -> torch.Tensor:
         """The blocks' output for states that start at `position`, with the session's adapters (already on the
         span's device and dtype) applied."""
-        return await self._run(_inference_step, span, cache, hidden_states, position, adapters)
+        return self._faulty(await self._run(_inference_step, span, cache, hidden_states, position, adapters))
 
     async def forward(
         self, span: BlockSlice, hidden_states: torch.Tensor, adapters: RequestAdapters | None = None
     ) -> torch.Tensor:
-        return await self._run(_forward, span, hidden_states, adapters)
+        return self._faulty(await self._run(_forward, span, hidden_states, adapters))
 
     async def backward(
         self,
@@ -94,6 +97,12 @@ class BlockRuntime:
     ) -> list[torch.Tensor]:
         """[grad w.r.t. hidden_states, *grads w.r.t. `adapters.tensors()`]."""
         return await self._run(_backward, span, hidden_states, grad_outputs, adapters)
+
+    def _faulty(self, outputs: torch.Tensor) -> torch.Tensor:
+        if not self.output_noise:
+            return outputs
+        noise = torch.randn(outputs.shape, generator=self._noise) * self.output_noise
+        return outputs + noise.to(outputs.dtype)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

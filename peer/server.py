@@ -44,6 +44,7 @@ from swarm.errors import ConfigError
 from swarm.logs import short_id
 from swarm.models import BlockSlice, ModelSource, load_block_slice, resolve_dtype
 from swarm.protocol import PROTOCOL_VERSION, ModelRecord, PeerInfo, ServerInfo, ServerState, model_prefix_for
+from swarm.signed_records import peer_identity
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +59,25 @@ def run_peer(config: PeerConfig) -> None:
     if not config.auto_blocks:
         source.layout.check_range(config.start, config.end)
     dtype = resolve_dtype(config.dtype, config.device)  # ... or dtype, before any process starts
-    dht = start_dht(
-        config.initial_peers,
-        host_maddrs=list(config.host_maddrs),
-        announce_maddrs=list(config.announce_maddrs) or None,
-        identity_path=config.identity_path,
-        client_mode=False,
-    )
+    identity = peer_identity(config.identity_path)  # signs this peer's records (swarm/signed_records.py)
     try:
-        asyncio.run(Peer(config, source, dtype, dht).serve())
+        dht = start_dht(
+            config.initial_peers,
+            host_maddrs=list(config.host_maddrs),
+            announce_maddrs=list(config.announce_maddrs) or None,
+            identity_path=str(identity.path),
+            check_if_identity_free=identity.existed,  # a key made just now is in no one else's use
+            client_mode=False,
+            signing_key=identity.private_key_der,
+        )
+        try:
+            if dht.peer_id.to_base58() != identity.peer_id:
+                raise ConfigError(f"p2pd runs as {dht.peer_id}, not as the identity {identity.path}")
+            asyncio.run(Peer(config, source, dtype, dht).serve())
+        finally:
+            dht.shutdown()
     finally:
-        dht.shutdown()
+        identity.discard()
 
 
 class Peer:
@@ -183,7 +192,7 @@ class Peer:
         self._show_span()
         await self.announcer.announce_now()  # JOINING: monitors see the peer while it loads, joiners avoid its span
         self.runtime = BlockRuntime(await self._load())
-        limits = HandlerLimits(config.inference_max_length, config.max_batch_size, config.session_idle_timeout)
+        limits = HandlerLimits.from_config(config, self.source.config.hidden_size)
         handler = BlockHandler(
             self.runtime, self.budget, limits, self.peer_info, lambda: self.state.routable, metrics=self.metrics
         )

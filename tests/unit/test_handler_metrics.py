@@ -19,7 +19,14 @@ from swarm.protocol import ErrorKind, ErrorReply
 
 
 def _handler() -> BlockHandler:
-    limits = HandlerLimits(inference_max_length=16, max_batch_size=1, session_idle_timeout=1.0)
+    limits = HandlerLimits(
+        inference_max_length=16,
+        max_batch_size=1,
+        session_idle_timeout=1.0,
+        max_sessions_per_client=1,
+        max_requests_per_client=1,
+        max_message_bytes=2**20,
+    )
     return BlockHandler(None, KVCacheBudget(16), limits, lambda: None, metrics=PeerMetrics(CollectorRegistry()))  # type: ignore[arg-type]
 
 
