@@ -96,6 +96,8 @@ def build_parser() -> configargparse.ArgumentParser:
         help="serve Prometheus metrics at http://ADDR:PORT/metrics (0: any free port; default: none)")  # fmt: skip
     add("--metrics-addr", "--metrics_addr", default=defaults.metrics_addr,
         help="address the metrics server listens on")  # fmt: skip
+    # tests of the clients' spot checks only: a faulty peer that adds this much noise to its outputs
+    add("--debug-output-noise", "--debug_output_noise", type=float, default=0.0, help=configargparse.SUPPRESS)
     return parser
 
 
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             balance_period=args.balance_period,
             balance_min_improvement=args.balance_min_improvement,
             network_bandwidth=args.network_bandwidth,
+            output_noise=args.debug_output_noise,
         )
         logger.info("Starting with:\n%s", parser.format_values().rstrip())
         run_peer(config)

@@ -191,7 +191,7 @@ class Peer:
             self.span = await self._choose_span()
         self._show_span()
         await self.announcer.announce_now()  # JOINING: monitors see the peer while it loads, joiners avoid its span
-        self.runtime = BlockRuntime(await self._load())
+        self.runtime = BlockRuntime(await self._load(), self.config.output_noise)
         limits = HandlerLimits.from_config(config, self.source.config.hidden_size)
         handler = BlockHandler(
             self.runtime, self.budget, limits, self.peer_info, lambda: self.state.routable, metrics=self.metrics
@@ -331,7 +331,7 @@ class Peer:
         self.state = ServerState.JOINING
         self._show_span()
         await self.announcer.announce_now()
-        old_runtime, self.runtime = self.runtime, BlockRuntime(await self._load())
+        old_runtime, self.runtime = self.runtime, BlockRuntime(await self._load(), self.config.output_noise)
         handler.runtime = self.runtime
         if old_runtime is not None:
             old_runtime.close()

@@ -34,7 +34,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, TextStreamer
 
 import swarm
 from swarm.client._sync import run_sync
-from swarm.config import ClientConfig
+from swarm.config import DEFAULT_VERIFY_RATE, ClientConfig
 from swarm.dht import start_dht
 from swarm.directory import SwarmView, read_models, read_swarm_view
 from swarm.errors import ConfigError, ModelError, SwarmError
@@ -239,6 +239,7 @@ def _connect(args: argparse.Namespace) -> swarm.DistributedModelForCausalLM:
         initial_peers=tuple(args.initial_peers),
         model_prefix=args.model_prefix or "",
         connect_timeout=args.connect_timeout,
+        verify_rate=args.verify_rate,
     )
     return swarm.AutoDistributedModelForCausalLM.from_pretrained(args.model, config=config, adapter=args.adapter)
 
@@ -276,6 +277,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             initial_peers=tuple(args.initial_peers),
             model_prefix=args.model_prefix or "",
             host_maddrs=tuple(args.host_maddrs),
+            verify_rate=args.verify_rate,
         ),
         collaboration=CollaborationConfig(
             run_id=args.run_id,
@@ -335,6 +337,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"not a rate between 0 and 1: {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", "--log_level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
@@ -351,13 +360,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="multiaddr of any swarm member (a bootstrap node or a peer); repeatable",
     )
     swarm_flags.add_argument("--model-prefix", "--model_prefix", help="DHT key prefix (default: from the model name)")
+    verify_flag = argparse.ArgumentParser(add_help=False)
+    verify_flag.add_argument(
+        "--verify-rate",
+        "--verify_rate",
+        type=_rate,
+        default=DEFAULT_VERIFY_RATE,
+        help="share of each peer's steps an independent peer recomputes, to catch wrong outputs "
+        "(default: %(default)s; 0: trust every peer)",
+    )
 
     parser = argparse.ArgumentParser(prog="swarm", description="Run language models over a blockswarm swarm.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {swarm.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser(
-        "generate", parents=[common, swarm_flags], help="generate text, streamed as it comes"
+        "generate", parents=[common, swarm_flags, verify_flag], help="generate text, streamed as it comes"
     )
     add = generate.add_argument
     add("--prompt", required=True)
@@ -379,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(run=run_status)
 
     serve = commands.add_parser(
-        "serve", parents=[common, swarm_flags], help="serve the model over an OpenAI-compatible API and a chat page"
+        "serve",
+        parents=[common, swarm_flags, verify_flag],
+        help="serve the model over an OpenAI-compatible API and a chat page",
     )
     add = serve.add_argument
     add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0: the network)")
@@ -393,7 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=run_serve)
 
     finetune = commands.add_parser(
-        "finetune", parents=[common, swarm_flags], help="train prompts or LoRA adapters together with other trainers"
+        "finetune",
+        parents=[common, swarm_flags, verify_flag],
+        help="train prompts or LoRA adapters together with other trainers",
     )
     add = finetune.add_argument
     add("--data", required=True, help='.txt (one example per line) or .jsonl (a "text" field per line)')

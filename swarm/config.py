@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from swarm.errors import ConfigError
 
+# Spot checks (swarm/client/verification.py): 1 step in 100 on average, at least 1 in 199, is recomputed elsewhere
+DEFAULT_VERIFY_RATE = 0.01
+
 
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
@@ -23,6 +26,7 @@ class ClientConfig:
     view_max_age: float = 1.0  # seconds a read of the DHT is reused when building routes
     dht_timeout: float = 2.0  # seconds a DHT node may take to answer before a lookup goes on without it
     max_sub_batch_size: int = 8  # rows per stateless forward/backward call; larger batches go as parallel parts
+    verify_rate: float = DEFAULT_VERIFY_RATE  # share of each peer's steps an independent peer recomputes
 
     def __post_init__(self) -> None:
         if not self.initial_peers:
@@ -37,6 +41,8 @@ class ClientConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if not 0.0 <= self.verify_rate <= 1.0:
+            raise ConfigError(f"verify_rate must be within [0, 1], got {self.verify_rate}")
         if self.max_sub_batch_size <= 0:
             raise ConfigError("max_sub_batch_size must be positive")
         if self.max_retries < 0 or self.hung_step_factor <= 1:

@@ -90,6 +90,10 @@ class PeerUnreachable(PeerError):
     """A peer could not be reached or closed the connection."""
 
 
+class PeerFaulty(PeerError):
+    """The peer's output disagreed with two independent computations of the same step (swarm/client/verification.py)."""
+
+
 class PeerProtocolError(PeerError):
     """A peer answered with something that does not follow the protocol."""
 

@@ -1,4 +1,5 @@
-"""What a client sees of the swarm, as Prometheus metrics: time to first token, inter-token latency, reroutes.
+"""What a client sees of the swarm, as Prometheus metrics: time to first token, inter-token latency, reroutes,
+spot checks.
 
 They live in prometheus_client's default registry, as a library's metrics do: an application exports them with
 `prometheus_client.start_http_server(port)` (or its own `/metrics` route, as the HTTP gateway does) and gets
@@ -36,6 +37,13 @@ class ClientMetrics:
         )
         self.reroutes = Counter(
             f"{NAMESPACE}_reroutes_total", "Failed spans replaced by other peers mid-session", registry=registry
+        )
+        self.verifications = Counter(
+            f"{NAMESPACE}_verifications_total",
+            "Spot checks of a peer's output against an independent peer, by outcome: agreed, peer_faulty "
+            "(banned, step recomputed), verifier_faulty, inconclusive (no third source), unverifiable (no other peer)",
+            ["outcome"],
+            registry=registry,
         )
 
 

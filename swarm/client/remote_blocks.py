@@ -6,6 +6,9 @@ banned and its blocks are run by others (stateless calls need no replay), up to 
 A batch larger than `ClientConfig.max_sub_batch_size` is split into parts that travel in parallel, each on its
 own route with load spread over replicas.
 
+A random share `verify_rate` of the calls is spot-checked by independent peers (verification.py); a peer they
+outvote is banned like a failed one and its span computed elsewhere.
+
 With `ModelAdapters`, every request carries the LoRA tensors and deep prompts of its span's blocks; peers apply
 them for that request only and return their gradients with the input gradients, so they train like local modules.
 """
@@ -13,7 +16,7 @@ them for that request only and return their gradients with the input gradients, 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +26,8 @@ from swarm.client._sync import run_sync
 from swarm.client.routing import RouteSpan
 from swarm.client.swarm_client import SwarmClient
 from swarm.client.transport import SpanAdapters, call_backward, call_forward
-from swarm.errors import RETRYABLE_ERRORS, SwarmError
+from swarm.client.verification import Outcome, Verdict, check_span
+from swarm.errors import RETRYABLE_ERRORS, PeerFaulty, SwarmError
 from swarm.protocol import LoraHeader, SpanRequest
 
 
@@ -85,19 +89,25 @@ async def forward_through(
     start: int,
     end: int,
     adapters: ModelAdapters | None = None,
+    exclude: Collection[str] = (),
+    check: bool = True,
 ) -> tuple[list[RouteSpan], list[torch.Tensor]]:
-    """Run blocks [start, end); returns the spans used and the input of each span followed by the final output."""
+    """Run blocks [start, end), avoiding peers `exclude`; returns the spans used and the input of each span
+    followed by the final output. With `check`, spans are spot-checked at the client's `verify_rate`."""
     spans: list[RouteSpan] = []
     states = [hidden_states]
     position, failures = start, 0
     while position < end:
-        route = await swarm.make_route(position, end, spread_load=True)  # training: share replicas by throughput
+        # training: share replicas by throughput
+        route = await swarm.make_route(position, end, exclude=exclude, wait=not exclude, spread_load=True)
         for span in route.spans:
             try:
                 outputs = await call_forward(
                     await swarm.p2p(), span.peer_id, SpanRequest(span.start, span.end), states[-1],
                     swarm.config.request_timeout, _span_adapters(adapters, span),
                 )  # fmt: skip
+                if check and swarm.spot_checks.due():
+                    await _check_forward(swarm, span, states[-1], outputs, adapters)
             except RETRYABLE_ERRORS as e:
                 failures = _count_failure(swarm, span, e, failures)
                 break  # route the rest again from this span's start
@@ -115,10 +125,12 @@ async def backward_through(
     grad_outputs: torch.Tensor,
     adapters: ModelAdapters | None = None,
     adapter_grads: AdapterGrads | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
-    """Input gradients of the spans' blocks; with `adapters`, their gradients are stored in `adapter_grads`."""
+    """Input gradients of the spans' blocks; with `adapters`, their gradients are stored in `adapter_grads`.
+    With `check`, spans are spot-checked at the client's `verify_rate`."""
     for span, inputs in zip(reversed(spans), reversed(span_inputs), strict=True):
-        grad_outputs = await _backward_span(swarm, span, inputs, grad_outputs, adapters, adapter_grads)
+        grad_outputs = await _backward_span(swarm, span, inputs, grad_outputs, adapters, adapter_grads, check)
     return grad_outputs
 
 
@@ -129,6 +141,7 @@ async def _backward_span(
     grad_outputs: torch.Tensor,
     adapters: ModelAdapters | None,
     adapter_grads: AdapterGrads | None,
+    check: bool,
 ) -> torch.Tensor:
     """Input gradients of blocks [span.start, span.end), from the same peer or, if it fails, from others."""
     failures = 0
@@ -138,17 +151,54 @@ async def _backward_span(
                 await swarm.p2p(), span.peer_id, SpanRequest(span.start, span.end), inputs, grad_outputs,
                 swarm.config.request_timeout, _span_adapters(adapters, span),
             )  # fmt: skip
+            if check and swarm.spot_checks.due():
+                await _check_backward(swarm, span, inputs, grad_outputs, grad_inputs, adapters)
             swarm.record_success(span.peer_id)
             if adapters is not None and adapter_grads is not None:
                 adapter_grads.store(adapters, span.start, span.end, grads)
             return grad_inputs
         except RETRYABLE_ERRORS as e:
             failures = _count_failure(swarm, span, e, failures)
-        replacement, states = await forward_through(swarm, inputs, span.start, span.end, adapters)
+        replacement, states = await forward_through(swarm, inputs, span.start, span.end, adapters, check=check)
         if len(replacement) == 1:
             span = replacement[0]  # one peer covers it: retry the backward call there
             continue
-        return await backward_through(swarm, replacement, states[:-1], grad_outputs, adapters, adapter_grads)
+        return await backward_through(swarm, replacement, states[:-1], grad_outputs, adapters, adapter_grads, check)
+
+
+async def _check_forward(
+    swarm: SwarmClient, span: RouteSpan, inputs: torch.Tensor, outputs: torch.Tensor, adapters: ModelAdapters | None
+) -> None:
+    """Spot-check one forward call (verification.py); raises `PeerFaulty` if its peer is outvoted."""
+
+    async def recompute(exclude: Collection[str]) -> tuple[torch.Tensor, list[str]]:
+        spans, states = await forward_through(swarm, inputs, span.start, span.end, adapters, exclude, check=False)
+        return states[-1], [used.peer_id for used in spans]
+
+    _raise_if_faulty(span, await check_span(swarm, span, outputs, recompute))
+
+
+async def _check_backward(
+    swarm: SwarmClient,
+    span: RouteSpan,
+    inputs: torch.Tensor,
+    grad_outputs: torch.Tensor,
+    grad_inputs: torch.Tensor,
+    adapters: ModelAdapters | None,
+) -> None:
+    """Spot-check one backward call by its input gradients; raises `PeerFaulty` if its peer is outvoted."""
+
+    async def recompute(exclude: Collection[str]) -> tuple[torch.Tensor, list[str]]:
+        spans, states = await forward_through(swarm, inputs, span.start, span.end, adapters, exclude, check=False)
+        grads = await backward_through(swarm, spans, states[:-1], grad_outputs, adapters, None, check=False)
+        return grads, [used.peer_id for used in spans]
+
+    _raise_if_faulty(span, await check_span(swarm, span, grad_inputs, recompute))
+
+
+def _raise_if_faulty(span: RouteSpan, verdict: Verdict) -> None:
+    if verdict.outcome is Outcome.PEER_FAULTY:
+        raise PeerFaulty(span.peer_id, f"wrong outputs: {verdict.detail}")
 
 
 def _span_adapters(adapters: ModelAdapters | None, span: RouteSpan) -> SpanAdapters | None:

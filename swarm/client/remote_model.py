@@ -17,6 +17,7 @@ the session sends its span's adapters to each peer once, with its first step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -129,6 +130,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         tuning: TuningConfig | None = None,
         tuning_mode: str | None = None,
         adapter: str | os.PathLike[str] | None = None,
+        verify_rate: float | None = None,
         **tuning_options: Any,
     ) -> DistributedModelForCausalLM:
         """Load the local parts of `model_name_or_path` and connect to the swarm through `initial_peers`
@@ -136,6 +138,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
         For training, pass `tuning=TuningConfig(...)`, or its fields as keywords:
         `tuning_mode="ptune", pre_seq_len=16` or `tuning_mode="lora", lora_rank=8, tune_head=True`.
+
+        `verify_rate` overrides `config.verify_rate`: the share of each peer's steps that an independent peer
+        recomputes to catch wrong outputs (swarm/client/verification.py; 0 trusts every peer).
 
         `adapter=DIR` applies a trained adapter to everything the model runs, generation included: a PEFT LoRA
         directory (adapter_config.json) or soft prompts (prompts.safetensors), as `swarm finetune` saves them.
@@ -152,6 +157,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             config = ClientConfig(initial_peers=tuple(initial_peers))
         elif initial_peers is not None and tuple(initial_peers) != config.initial_peers:
             raise ConfigError("initial_peers and config.initial_peers differ; pass the peers in one place")
+        if verify_rate is not None:
+            config = dataclasses.replace(config, verify_rate=verify_rate)
         source = ModelSource.open(model_name_or_path, revision=revision)
         client_modules = load_client_modules(source, dtype=dtype)
         prefix = model_prefix or config.model_prefix or model_prefix_for(str(model_name_or_path))

@@ -6,6 +6,10 @@ because it is leaving or full), the session bans it, routes that span's blocks t
 several), replays the stored inputs so their caches hold everything the lost peer had seen, and sends the step
 again. The caller sees a delay and a log line, and the same output.
 
+A peer that answers wrongly is found by spot checks (verification.py): for a random share `verify_rate` of each
+span's steps, an independent route recomputes the span over everything the session sent it; a peer outvoted by two
+other sources is banned and replaced like a failed one, and the step is computed again.
+
 A hung peer (stopped, not dead) is found by a per-step timeout that adapts to the span's recent decode steps:
 `hung_step_factor` times the slowest of them, never below `min_step_timeout` nor above `request_timeout`.
 """
@@ -15,16 +19,26 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
 
 from swarm.client.metrics import client_metrics
-from swarm.client.remote_blocks import ModelAdapters
+from swarm.client.remote_blocks import ModelAdapters, forward_through
 from swarm.client.routing import Route, RouteSpan
 from swarm.client.swarm_client import SwarmClient
 from swarm.client.transport import InferenceStream
-from swarm.errors import RETRYABLE_ERRORS, ConfigError, MissingBlocksError, PeerTimeout, RequestRejected, SwarmError
+from swarm.client.verification import CheckSchedule, Outcome, check_span
+from swarm.errors import (
+    RETRYABLE_ERRORS,
+    ConfigError,
+    MissingBlocksError,
+    PeerFaulty,
+    PeerTimeout,
+    RequestRejected,
+    SwarmError,
+)
 from swarm.logs import short_id
 from swarm.protocol import InferenceOpen
 
@@ -39,6 +53,7 @@ class _SpanConnection:
 
     span: RouteSpan
     stream: InferenceStream
+    checks: CheckSchedule  # which of its steps an independent peer recomputes
     inputs: list[torch.Tensor] = field(default_factory=list)
     recent_step_seconds: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=RECENT_STEPS)
@@ -93,6 +108,8 @@ class InferenceSession:
             connection = self._connections[index]
             try:
                 outputs = await self._send(connection, hidden_states, self.position)
+                if connection.checks.due():
+                    await self._check(connection, hidden_states, outputs)
             except RETRYABLE_ERRORS as e:
                 await self._replace(index, e)
                 continue  # the same step, through the replacement
@@ -126,6 +143,21 @@ class InferenceSession:
         if hidden_states.shape[1] == 1:
             connection.recent_step_seconds.append(time.perf_counter() - began)
         return outputs
+
+    async def _check(self, connection: _SpanConnection, hidden_states: torch.Tensor, outputs: torch.Tensor) -> None:
+        """Spot-check this step: an independent route recomputes the span over its whole input so far.
+        Raises `PeerFaulty` when the peer is outvoted, so the step is recomputed on a replacement."""
+        inputs = torch.cat([*connection.inputs, hidden_states], dim=1)
+        seq = hidden_states.shape[1]
+
+        async def recompute(exclude: Collection[str]) -> tuple[torch.Tensor, list[str]]:
+            start, end = connection.span.start, connection.span.end
+            spans, states = await forward_through(self.swarm, inputs, start, end, self.adapters, exclude, check=False)
+            return states[-1][:, -seq:], [span.peer_id for span in spans]
+
+        verdict = await check_span(self.swarm, connection.span, outputs, recompute)
+        if verdict.outcome is Outcome.PEER_FAULTY:
+            raise PeerFaulty(connection.span.peer_id, f"wrong outputs: {verdict.detail}")
 
     def _step_timeout(self, connection: _SpanConnection, seq: int) -> float:
         config = self.swarm.config
@@ -193,7 +225,8 @@ class InferenceSession:
         connections = [
             _SpanConnection(
                 span,
-                InferenceStream(
+                checks=CheckSchedule(self.swarm.config.verify_rate),
+                stream=InferenceStream(
                     p2p,
                     span.peer_id,
                     InferenceOpen(span.start, span.end, self.max_length, self._batch_size),

@@ -15,6 +15,7 @@ from hivemind.utils import get_dht_time
 from swarm.client._sync import run_sync
 from swarm.client.routing import Route, choose_route
 from swarm.client.transport import call_info
+from swarm.client.verification import CheckSchedule
 from swarm.config import ClientConfig
 from swarm.dht import start_dht
 from swarm.directory import SwarmView, read_swarm_view
@@ -49,6 +50,7 @@ class SwarmClient:
         self._failures_in_a_row: dict[str, int] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self._rng = random.Random()
+        self.spot_checks = CheckSchedule(config.verify_rate, self._rng)  # of stateless forward/backward calls
 
     async def p2p(self) -> P2P:
         if self._p2p is None:

@@ -1,0 +1,98 @@
+"""Spot checks in a real swarm: a peer that returns slightly wrong hidden states (a test-only flag adds noise to
+its outputs) is outvoted by two honest peers, banned and replaced within 2/p - 1 steps at verify rate p, and the
+session's tokens still equal local generation."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import REGISTRY
+from transformers import AutoModelForCausalLM
+
+from swarm.client._sync import run_sync
+from swarm.demo_model import ensure_demo_model
+from swarm.protocol import ServerState
+
+pytestmark = pytest.mark.slow
+
+VERIFY_RATE = 0.1
+MAX_STEPS_TO_DETECT = round(2 / VERIFY_RATE) - 1  # the longest gap between two checks
+NOISE_STD = 0.03  # 3x the check's tolerance on the demo model's outputs (|h| ~ 36), too small to change a token
+NUM_BLOCKS = 6
+GREEDY = dict(do_sample=False, eos_token_id=None)
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_demo_model(tmp_path_factory.mktemp("demo") / "demo-model")
+
+
+def _verifications(outcome: str) -> float:
+    return REGISTRY.get_sample_value("blockswarm_client_verifications_total", {"outcome": outcome}) or 0.0
+
+
+def test_a_faulty_peer_is_outvoted_banned_and_replaced_without_changing_the_tokens(
+    demo_model, make_swarm, connect
+) -> None:  # type: ignore[no-untyped-def]
+    local_swarm = make_swarm(demo_model, [])
+    faulty = local_swarm.add_peer(0, NUM_BLOCKS, "--debug-output-noise", str(NOISE_STD))
+    faulty_id = local_swarm.peer_id(faulty)
+    model = connect(demo_model, local_swarm, verify_rate=VERIFY_RATE)
+    prompt = torch.tensor([[1, 200, 300, 400, 500]])
+    expected = AutoModelForCausalLM.from_pretrained(demo_model).eval().generate(prompt, max_new_tokens=32, **GREEDY)
+    found_faulty = _verifications("peer_faulty")
+
+    with model.inference_session(max_length=prompt.shape[1] + 32) as session:
+        first = model.generate(prompt, max_new_tokens=1, **GREEDY)  # the only peer: the session opens on it
+        assert [span.peer_id for span in session.route.spans] == [faulty_id]
+        for _ in range(2):
+            local_swarm.add_peer(0, NUM_BLOCKS, wait=False)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until the client sees both honest peers online
+            states = [span.info.state for span in run_sync(model.swarm.view(max_age=0)).spans]
+            if states.count(ServerState.ONLINE) == 3:
+                break
+        else:
+            pytest.fail("the honest peers did not come online")
+
+        within = model.generate(max_new_tokens=MAX_STEPS_TO_DETECT, **GREEDY)
+        assert _verifications("peer_faulty") == found_faulty + 1, "not caught within 2/p - 1 steps"
+        assert faulty_id in model.swarm.banned() and session.reroutes == 1
+        assert faulty_id not in [span.peer_id for span in session.route.spans]
+        rest = model.generate(max_new_tokens=32 - 1 - MAX_STEPS_TO_DETECT, **GREEDY)
+
+    assert torch.equal(first, expected[:, : prompt.shape[1] + 1])
+    assert torch.equal(within, expected[:, : prompt.shape[1] + 1 + MAX_STEPS_TO_DETECT])
+    assert torch.equal(rest, expected)
+
+
+def test_training_calls_through_a_faulty_peer_are_caught_and_computed_elsewhere(
+    demo_model, make_swarm, connect
+) -> None:  # type: ignore[no-untyped-def]
+    local_swarm = make_swarm(demo_model, [(0, NUM_BLOCKS), (0, NUM_BLOCKS)])
+    faulty_id = local_swarm.peer_id(local_swarm.add_peer(0, NUM_BLOCKS, "--debug-output-noise", str(NOISE_STD)))
+    model = connect(demo_model, local_swarm, verify_rate=1.0)  # every call checked
+    run_sync(model.swarm.wait_blocks_covered(timeout=60))
+    local = AutoModelForCausalLM.from_pretrained(demo_model).eval()
+    tokens = torch.tensor([[1, 200, 300, 400, 500, 600, 700]])
+    found_faulty = _verifications("peer_faulty")
+
+    for _ in range(40):  # training calls spread over the replicas at random: until one lands on the faulty peer
+        with torch.no_grad():
+            torch.testing.assert_close(model(tokens).logits, local(tokens).logits, atol=1e-4, rtol=0)
+        if faulty_id in model.swarm.banned():
+            break
+    else:
+        pytest.fail("no forward call went to the faulty peer")
+    assert _verifications("peer_faulty") == found_faulty + 1
+
+    agreed = _verifications("agreed")
+    vectors = local.get_input_embeddings()(tokens).detach()
+    ours, theirs = vectors.clone().requires_grad_(True), vectors.clone().requires_grad_(True)
+    model(inputs_embeds=ours, labels=tokens).loss.backward()  # forward and backward both checked: they agree
+    local(inputs_embeds=theirs, labels=tokens).loss.backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-4, rtol=0)
+    assert _verifications("agreed") >= agreed + 2
