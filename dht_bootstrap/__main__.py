@@ -36,6 +36,7 @@ from swarm.command_line import command_parser
 from swarm.errors import ConfigError
 from swarm.logs import setup_logging
 from swarm.signed_records import ServerRecordValidator
+from swarm.swarm_key import SwarmKey, SwarmKeyAuthorizer
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class BootstrapConfig:
     identity_path: Path | None = None  # private key file; created if missing; keeps the peer id across restarts
     initial_peers: tuple[str, ...] = ()  # other bootstrap nodes to join, so that several can back each other up
     refresh_period: float = 30.0  # routing-table buckets not updated for this many seconds get refreshed
+    swarm_key: SwarmKey | None = None  # a private swarm's key (swarm/swarm_key.py): only members may use this node
 
     def __post_init__(self) -> None:
         if not self.host_maddrs:
@@ -99,6 +101,12 @@ def build_parser() -> configargparse.ArgumentParser:
         help="multiaddrs of other bootstrap nodes to join",
     )
     parser.add_argument(
+        "--swarm-key",
+        "--swarm_key",
+        metavar="FILE",
+        help="serve only the private swarm of this key file (`swarm new-key FILE` writes one)",
+    )
+    parser.add_argument(
         "--refresh-period",
         "--refresh_period",
         type=float,
@@ -119,6 +127,7 @@ def parse_config(argv: Sequence[str] | None = None) -> BootstrapConfig:
             identity_path=args.identity_path,
             initial_peers=tuple(args.initial_peers),
             refresh_period=args.refresh_period,
+            swarm_key=None if args.swarm_key is None else SwarmKey.load(args.swarm_key),
         )
     except ConfigError as e:
         parser.error(str(e))
@@ -189,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         identity_path=None if config.identity_path is None else str(config.identity_path),
         refresh_timeout=config.refresh_period,  # DHTNode re-walks routing-table buckets this stale, in the background
         record_validators=[ServerRecordValidator()],  # stores and serves only well-signed server records
+        authorizer=None if config.swarm_key is None else SwarmKeyAuthorizer(config.swarm_key),
         start=False,
     )
     try:

@@ -60,6 +60,7 @@ def build_parser() -> configargparse.ArgumentParser:
     add("--host-maddrs", "--host_maddrs", nargs="+", default=list(defaults.host_maddrs), help="multiaddrs to listen on")
     add("--announce-maddrs", "--announce_maddrs", nargs="+", default=[], help="multiaddrs others should dial")
     add("--identity-path", "--identity_path", help="private key file; keeps the peer id across restarts")
+    add("--swarm-key", "--swarm_key", metavar="FILE", help="join the private swarm of this key file (`swarm new-key`)")
     add("--device", default=_default_device(), help="cpu, cuda, cuda:N or mps")
     add("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"],
         help="compute dtype; auto is bfloat16 on GPUs, float32 on CPU")  # fmt: skip
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
             host_maddrs=tuple(args.host_maddrs),
             announce_maddrs=tuple(args.announce_maddrs),
             identity_path=args.identity_path,
+            swarm_key=args.swarm_key,
             device=args.device,
             dtype=args.dtype,
             cache_tokens=args.cache_tokens,

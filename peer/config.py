@@ -21,6 +21,7 @@ class PeerConfig:
     host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
     announce_maddrs: tuple[str, ...] = ()
     identity_path: str | None = None  # private key file: keeps the peer id across restarts
+    swarm_key: str | None = None  # key file of a private swarm (swarm/swarm_key.py); None: an open swarm
     device: str = "cpu"
     dtype: str = "auto"
     cache_tokens: int = 16384  # KV-cache token positions over all sessions and batch rows

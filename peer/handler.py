@@ -47,6 +47,7 @@ from swarm.protocol import (
     PeerInfo,
     SpanRequest,
 )
+from swarm.swarm_key import SwarmKey, check_rpc_token
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +141,10 @@ class BlockHandler:
         peer_info: Callable[[], PeerInfo],
         accepting_sessions: Callable[[], bool] = lambda: True,
         metrics: PeerMetrics | None = None,
+        swarm_key: SwarmKey | None = None,
     ):
         self.runtime = runtime
+        self.swarm_key = swarm_key  # a private swarm: every call must carry the caller's token
         self.budget = budget
         self.limits = limits
         # A session refused as UNAVAILABLE is skipped for that session only and the client tries other peers; a
@@ -167,15 +170,66 @@ class BlockHandler:
             (RPC_FORWARD, "forward", self.rpc_forward),
             (RPC_BACKWARD, "backward", self.rpc_backward),
         ]:
-            await p2p.add_protobuf_handler(name, self._measured(rpc, unary), request_type)
+            await p2p.add_protobuf_handler(name, self._measured(rpc, self._members_only(unary)), request_type)
         for name, rpc, stream in [
             (RPC_INFERENCE, "inference", self.rpc_inference),
             (RPC_FORWARD_STREAM, "forward", self.rpc_forward_stream),
             (RPC_BACKWARD_STREAM, "backward", self.rpc_backward_stream),
         ]:
             await p2p.add_protobuf_handler(
-                name, self._measured_stream(rpc, stream), request_type, stream_input=True, stream_output=True
+                name,
+                self._measured_stream(rpc, self._members_only_stream(stream)),
+                request_type,
+                stream_input=True,
+                stream_output=True,
             )
+
+    def _is_member(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> bool:
+        if self.swarm_key is None:
+            return True
+        try:
+            metadata = messages.unpack_metadata(request.metadata) if request.metadata else {}
+        except ProtocolError:
+            return False
+        caller, callee = context.remote_id.to_base58(), context.local_id.to_base58()
+        return check_rpc_token(self.swarm_key, metadata, caller, callee)
+
+    def _members_only(
+        self,
+        handler: Callable[[runtime_pb2.ExpertRequest, P2PContext], Awaitable[runtime_pb2.ExpertResponse]],
+    ) -> Callable[[runtime_pb2.ExpertRequest, P2PContext], Awaitable[runtime_pb2.ExpertResponse]]:
+        async def checked(request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+            if not self._is_member(request, context):
+                return messages.error_response(_NOT_A_MEMBER)
+            return await handler(request, context)
+
+        return checked
+
+    def _members_only_stream(
+        self,
+        handler: Callable[
+            [AsyncIterator[runtime_pb2.ExpertRequest], P2PContext], AsyncIterator[runtime_pb2.ExpertResponse]
+        ],
+    ) -> Callable[[AsyncIterator[runtime_pb2.ExpertRequest], P2PContext], AsyncIterator[runtime_pb2.ExpertResponse]]:
+        """The first message of a stream carries the token; the rest of the stream is the same caller's."""
+
+        async def checked(
+            requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+            if self.swarm_key is None:
+                async for response in handler(requests, context):
+                    yield response
+                return
+            first = await anext(requests, None)
+            if first is None:
+                return
+            if not self._is_member(first, context):
+                yield messages.error_response(_NOT_A_MEMBER)
+                return
+            async for response in handler(_prepended(first, requests), context):
+                yield response
+
+        return checked
 
     def _measured(
         self,
@@ -501,6 +555,17 @@ class BlockHandler:
             return ErrorReply(ErrorKind.BAD_REQUEST, str(error))
         logger.exception("Request from %s failed", peer)
         return ErrorReply(ErrorKind.INTERNAL, f"{type(error).__name__}: {error}")
+
+
+_NOT_A_MEMBER = ErrorReply(ErrorKind.UNAUTHORIZED, "this peer serves a private swarm; join it with its --swarm-key")
+
+
+async def _prepended(
+    first: runtime_pb2.ExpertRequest, rest: AsyncIterator[runtime_pb2.ExpertRequest]
+) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+    yield first
+    async for request in rest:
+        yield request
 
 
 def _status_of(response: runtime_pb2.ExpertResponse) -> str:

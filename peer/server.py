@@ -45,6 +45,7 @@ from swarm.logs import short_id
 from swarm.models import BlockSlice, ModelSource, load_block_slice, resolve_dtype
 from swarm.protocol import PROTOCOL_VERSION, ModelRecord, PeerInfo, ServerInfo, ServerState, model_prefix_for
 from swarm.signed_records import peer_identity
+from swarm.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def run_peer(config: PeerConfig) -> None:
     if not config.auto_blocks:
         source.layout.check_range(config.start, config.end)
     dtype = resolve_dtype(config.dtype, config.device)  # ... or dtype, before any process starts
+    swarm_key = None if config.swarm_key is None else SwarmKey.load(config.swarm_key)
     identity = peer_identity(config.identity_path)  # signs this peer's records (swarm/signed_records.py)
     try:
         dht = start_dht(
@@ -69,11 +71,12 @@ def run_peer(config: PeerConfig) -> None:
             check_if_identity_free=identity.existed,  # a key made just now is in no one else's use
             client_mode=False,
             signing_key=identity.private_key_der,
+            swarm_key=swarm_key,
         )
         try:
             if dht.peer_id.to_base58() != identity.peer_id:
                 raise ConfigError(f"p2pd runs as {dht.peer_id}, not as the identity {identity.path}")
-            asyncio.run(Peer(config, source, dtype, dht).serve())
+            asyncio.run(Peer(config, source, dtype, dht, swarm_key).serve())
         finally:
             dht.shutdown()
     finally:
@@ -83,8 +86,16 @@ def run_peer(config: PeerConfig) -> None:
 class Peer:
     """One peer serving blocks `span` = [start, end) of one model; the span changes only when the peer moves."""
 
-    def __init__(self, config: PeerConfig, source: ModelSource, dtype: torch.dtype, dht: hivemind.DHT):
+    def __init__(
+        self,
+        config: PeerConfig,
+        source: ModelSource,
+        dtype: torch.dtype,
+        dht: hivemind.DHT,
+        swarm_key: SwarmKey | None = None,
+    ):
         self.config = config
+        self.swarm_key = swarm_key
         self.source = source
         self.dtype = dtype
         self.dtype_name = str(dtype).removeprefix("torch.")  # as announced and logged: "float32", "bfloat16"
@@ -194,8 +205,9 @@ class Peer:
         self.runtime = BlockRuntime(await self._load(), self.config.output_noise)
         limits = HandlerLimits.from_config(config, self.source.config.hidden_size)
         handler = BlockHandler(
-            self.runtime, self.budget, limits, self.peer_info, lambda: self.state.routable, metrics=self.metrics
-        )
+            self.runtime, self.budget, limits, self.peer_info, lambda: self.state.routable, metrics=self.metrics,
+            swarm_key=self.swarm_key,
+        )  # fmt: skip
         p2p = await self.dht.replicate_p2p()
         await handler.add_p2p_handlers(p2p)
         self.state = ServerState.ONLINE

@@ -6,6 +6,7 @@
     swarm demo                                                 a whole swarm on this machine (see swarm/demo.py)
     swarm finetune MODEL --initial-peers MADDR --data FILE --run-id NAME --output DIR
                                                                train prompts or LoRA with other trainers
+    swarm new-key FILE                                         a key for a private swarm (--swarm-key FILE)
 
 Generated text goes to stdout as it is produced; the route, statistics and errors go to stderr, so
 `swarm generate ... > out.txt` keeps only the text. A `SwarmError` ends the command with a one-line message and
@@ -41,6 +42,7 @@ from swarm.errors import ConfigError, ModelError, SwarmError
 from swarm.logs import setup_logging, short_id
 from swarm.models import ModelSource
 from swarm.protocol import model_prefix_for
+from swarm.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +155,8 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     prefix = args.model_prefix or model_prefix_for(args.model)
     config = ClientConfig(initial_peers=tuple(args.initial_peers))
-    dht = start_dht(config.initial_peers, client_mode=True, host_maddrs=list(config.host_maddrs))
+    swarm_key = None if args.swarm_key is None else SwarmKey.load(args.swarm_key)
+    dht = start_dht(config.initial_peers, client_mode=True, host_maddrs=list(config.host_maddrs), swarm_key=swarm_key)
     try:
         models = run_sync(read_models(dht))
         num_blocks = models[prefix].num_blocks if prefix in models else _local_num_blocks(args.model, prefix, models)
@@ -240,6 +243,7 @@ def _connect(args: argparse.Namespace) -> swarm.DistributedModelForCausalLM:
         model_prefix=args.model_prefix or "",
         connect_timeout=args.connect_timeout,
         verify_rate=args.verify_rate,
+        swarm_key=args.swarm_key,
     )
     return swarm.AutoDistributedModelForCausalLM.from_pretrained(args.model, config=config, adapter=args.adapter)
 
@@ -278,6 +282,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             model_prefix=args.model_prefix or "",
             host_maddrs=tuple(args.host_maddrs),
             verify_rate=args.verify_rate,
+            swarm_key=args.swarm_key,
         ),
         collaboration=CollaborationConfig(
             run_id=args.run_id,
@@ -299,6 +304,12 @@ def run_finetune(args: argparse.Namespace) -> int:
     )
     with serving_metrics(prometheus_client.REGISTRY, args.metrics_port):  # training and swarm-client metrics
         finetune(config, tokenizer)
+    return 0
+
+
+def run_new_key(args: argparse.Namespace) -> int:
+    SwarmKey.write_new(args.file)
+    print(f"Wrote a new swarm key to {args.file}. Give it to every member (--swarm-key {args.file}); keep it secret.")
     return 0
 
 
@@ -360,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="multiaddr of any swarm member (a bootstrap node or a peer); repeatable",
     )
     swarm_flags.add_argument("--model-prefix", "--model_prefix", help="DHT key prefix (default: from the model name)")
+    swarm_flags.add_argument(
+        "--swarm-key", "--swarm_key", metavar="FILE", help="key file of a private swarm (`swarm new-key FILE`)"
+    )
     verify_flag = argparse.ArgumentParser(add_help=False)
     verify_flag.add_argument(
         "--verify-rate",
@@ -457,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics (loss, epoch, trainers in the run) at http://127.0.0.1:PORT/metrics "
         "(0: any free port)")  # fmt: skip
     finetune.set_defaults(run=run_finetune)
+
+    new_key = commands.add_parser(
+        "new-key", parents=[common], help="write a key file for a private swarm (--swarm-key on every member)"
+    )
+    new_key.add_argument("file", help="where to write it (never overwritten; readable by you only)")
+    new_key.set_defaults(run=run_new_key)
 
     demo = commands.add_parser("demo", parents=[common], help="run a swarm here and check it against the local model")
     add = demo.add_argument

@@ -22,20 +22,46 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
 from swarm.errors import ConfigError
 from swarm.signed_records import ServerRecordValidator
+from swarm.swarm_key import SwarmKey, SwarmKeyAuthorizer
 
 _OWNER_SIGNALS = (signal.SIGINT,)
 
 
-def start_dht(initial_peers: Sequence[str], *, signing_key: bytes | None = None, **kwargs: Any) -> hivemind.DHT:
+def start_dht(
+    initial_peers: Sequence[str],
+    *,
+    signing_key: bytes | None = None,
+    swarm_key: SwarmKey | None = None,
+    **kwargs: Any,
+) -> hivemind.DHT:
     """A started DHT node that validates server records (swarm/signed_records.py); with `signing_key` (a peer's
-    RSA identity key, DER) it signs its own."""
+    RSA identity key, DER) it signs its own. With `swarm_key` it talks only to members of that private swarm
+    (swarm/swarm_key.py)."""
     os.environ.setdefault("LIBP2P_TCP_REUSEPORT", "false")  # read by the p2pd the DHT starts
     previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _OWNER_SIGNALS}
     validators = [ServerRecordValidator(signing_key)]
+    authorizer = None if swarm_key is None else SwarmKeyAuthorizer(swarm_key)
     try:
-        return hivemind.DHT(initial_peers=list(initial_peers), start=True, record_validators=validators, **kwargs)
+        return hivemind.DHT(
+            initial_peers=list(initial_peers),
+            start=True,
+            record_validators=validators,
+            authorizer=authorizer,
+            **kwargs,
+        )
     except P2PDaemonError as e:
         raise ConfigError(f"could not join the swarm through --initial-peers {' '.join(initial_peers)}: {e}") from e
+    except RuntimeError as e:
+        if "bootstrap failed" not in str(e):
+            raise
+        hint = (
+            " (is --swarm-key this swarm's key?)"
+            if swarm_key is not None
+            else (" (are they running? a private swarm answers only members: pass its --swarm-key)")
+        )
+        raise ConfigError(
+            f"could not join the swarm: none of --initial-peers {' '.join(initial_peers)} answered{hint}"
+        ) from e
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -281,6 +281,7 @@ class ErrorKind(str, enum.Enum):
     CACHE_FULL = "cache_full"  # this peer has no KV-cache room now; another peer may
     UNAVAILABLE = "unavailable"  # this peer is draining or overloaded
     INTERNAL = "internal"  # the peer failed
+    UNAUTHORIZED = "unauthorized"  # a private swarm's peer called without the swarm's token (swarm/swarm_key.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,8 +33,10 @@ class LocalSwarm:
         peer_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         start_timeout: float = 180.0,
+        swarm_key: str | os.PathLike[str] | None = None,  # a private swarm: every process gets --swarm-key
     ):
         self.model = str(model)
+        self.key_args = [] if swarm_key is None else ["--swarm-key", str(swarm_key)]
         self.num_threads = num_threads
         self.update_period = update_period
         self.peer_args = list(peer_args)
@@ -48,7 +50,9 @@ class LocalSwarm:
     def start(self) -> LocalSwarm:
         try:
             self.bootstrap = SwarmProcess(
-                [sys.executable, "-m", "dht_bootstrap", "--host-maddrs", LOOPBACK], env=self.env, name="swarm-dht"
+                [sys.executable, "-m", "dht_bootstrap", "--host-maddrs", LOOPBACK, *self.key_args],
+                env=self.env,
+                name="swarm-dht",
             )
             match = self.bootstrap.wait_for_line(INITIAL_PEERS_LINE, self.start_timeout, stream="stdout")
             self.initial_peers = [match.group(1)]
@@ -80,7 +84,7 @@ class LocalSwarm:
             sys.executable, "-m", "peer", self.model,
             "--initial-peers", *self.initial_peers, "--host-maddrs", LOOPBACK,
             "--num-threads", str(self.num_threads), "--update-period", str(self.update_period),
-            *self.peer_args, *peer_args,
+            *self.key_args, *self.peer_args, *peer_args,
         ]  # fmt: skip
         peer = SwarmProcess(args, env=self.env, name=name)
         self.peers.append(peer)

@@ -34,6 +34,7 @@ from swarm.command_line import command_parser
 from swarm.dht import start_dht
 from swarm.errors import ConfigError
 from swarm.logs import setup_logging
+from swarm.swarm_key import KeyedP2P, SwarmKey
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class MonitorConfig:
     port: int = DEFAULT_PORT
     period: float = DEFAULT_PERIOD
     ping_timeout: float = DEFAULT_PING_TIMEOUT
+    swarm_key: SwarmKey | None = None  # a private swarm's key (swarm/swarm_key.py)
 
     def __post_init__(self) -> None:
         if not self.initial_peers:
@@ -78,6 +80,8 @@ class SwarmMonitor:
 
     async def run(self, stop: asyncio.Event) -> None:
         p2p = await self.dht.replicate_p2p()
+        if self.config.swarm_key is not None:
+            p2p = KeyedP2P(p2p, self.config.swarm_key)  # peers of a private swarm answer members only
         while not stop.is_set():
             began = time.monotonic()
             try:
@@ -111,6 +115,7 @@ def build_parser() -> configargparse.ArgumentParser:
     add("--period", type=float, default=DEFAULT_PERIOD, help="seconds between crawls")
     add("--ping-timeout", "--ping_timeout", type=float, default=DEFAULT_PING_TIMEOUT,
         help="seconds a peer may take to answer a ping before it shows as unreachable")  # fmt: skip
+    add("--swarm-key", "--swarm_key", metavar="FILE", help="key file of a private swarm (`swarm new-key FILE`)")
     return parser
 
 
@@ -126,11 +131,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             port=args.port,
             period=args.period,
             ping_timeout=args.ping_timeout,
+            swarm_key=None if args.swarm_key is None else SwarmKey.load(args.swarm_key),
         )
     except ConfigError as e:
         parser.error(str(e))
     try:
-        dht = start_dht(config.initial_peers, client_mode=True, wait_timeout=config.ping_timeout)
+        dht = start_dht(
+            config.initial_peers, client_mode=True, wait_timeout=config.ping_timeout, swarm_key=config.swarm_key
+        )
     except ConfigError as e:
         logger.error("%s", e)
         sys.exit(1)

@@ -131,6 +131,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         tuning_mode: str | None = None,
         adapter: str | os.PathLike[str] | None = None,
         verify_rate: float | None = None,
+        swarm_key: str | os.PathLike[str] | None = None,
         **tuning_options: Any,
     ) -> DistributedModelForCausalLM:
         """Load the local parts of `model_name_or_path` and connect to the swarm through `initial_peers`
@@ -141,6 +142,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
         `verify_rate` overrides `config.verify_rate`: the share of each peer's steps that an independent peer
         recomputes to catch wrong outputs (swarm/client/verification.py; 0 trusts every peer).
+
+        `swarm_key=FILE` joins a private swarm (swarm/swarm_key.py); it overrides `config.swarm_key`.
 
         `adapter=DIR` applies a trained adapter to everything the model runs, generation included: a PEFT LoRA
         directory (adapter_config.json) or soft prompts (prompts.safetensors), as `swarm finetune` saves them.
@@ -159,6 +162,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ConfigError("initial_peers and config.initial_peers differ; pass the peers in one place")
         if verify_rate is not None:
             config = dataclasses.replace(config, verify_rate=verify_rate)
+        if swarm_key is not None:
+            config = dataclasses.replace(config, swarm_key=str(swarm_key))
         source = ModelSource.open(model_name_or_path, revision=revision)
         client_modules = load_client_modules(source, dtype=dtype)
         prefix = model_prefix or config.model_prefix or model_prefix_for(str(model_name_or_path))

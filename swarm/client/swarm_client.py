@@ -21,6 +21,7 @@ from swarm.dht import start_dht
 from swarm.directory import SwarmView, read_swarm_view
 from swarm.errors import MissingBlocksError, PeerError
 from swarm.logs import short_id
+from swarm.swarm_key import KeyedP2P, SwarmKey
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +37,13 @@ class SwarmClient:
         self.config = config
         self.model_prefix = model_prefix
         self.num_blocks = num_blocks
+        self.swarm_key = None if config.swarm_key is None else SwarmKey.load(config.swarm_key)
         self.dht = start_dht(
             config.initial_peers,
             client_mode=True,
             host_maddrs=list(config.host_maddrs),
             wait_timeout=config.dht_timeout,
+            swarm_key=self.swarm_key,
         )
         self._p2p: P2P | None = None
         self._view: SwarmView | None = None
@@ -53,8 +56,10 @@ class SwarmClient:
         self.spot_checks = CheckSchedule(config.verify_rate, self._rng)  # of stateless forward/backward calls
 
     async def p2p(self) -> P2P:
+        """The P2P handle for calls to peers (in a private swarm, one that shows this member's token)."""
         if self._p2p is None:
-            self._p2p = await self.dht.replicate_p2p()
+            p2p = await self.dht.replicate_p2p()
+            self._p2p = p2p if self.swarm_key is None else KeyedP2P(p2p, self.swarm_key)
         return self._p2p
 
     async def known_view(self) -> SwarmView:

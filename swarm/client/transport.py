@@ -93,7 +93,7 @@ def raise_for_error(peer_id: str, reply: ErrorReply | None) -> None:
         raise CacheFullError(f"peer {short_id(peer_id)}: {reply.message}", peer_id)
     if reply.kind is ErrorKind.UNAVAILABLE:
         raise PeerLeaving(f"peer {short_id(peer_id)}: {reply.message}", peer_id)
-    if reply.kind is ErrorKind.BAD_REQUEST:
+    if reply.kind in (ErrorKind.BAD_REQUEST, ErrorKind.UNAUTHORIZED):
         raise InvalidRequest(f"peer {short_id(peer_id)} refused the request: {reply.message}", peer_id)
     raise PeerProtocolError(peer_id, f"failed: {reply.message}")
 

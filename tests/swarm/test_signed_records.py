@@ -3,7 +3,6 @@ nor publish malformed ones; the bootstrap node and the peers refuse them, and re
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import get_dht_time
 
+from swarm.client._sync import run_sync
 from swarm.dht import start_dht
 from swarm.directory import read_swarm_view
 from swarm.protocol import ServerInfo, block_key, model_prefix_for
@@ -70,7 +70,7 @@ def test_forged_and_malformed_records_are_refused_and_never_reach_routing(local_
     prefix = model_prefix_for(str(model_dir))
     honest = start_dht(local_swarm.initial_peers, client_mode=True)
     dhts.append(honest)
-    (victim,) = asyncio.run(read_swarm_view(honest, prefix, NUM_BLOCKS)).spans
+    (victim,) = run_sync(read_swarm_view(honest, prefix, NUM_BLOCKS)).spans
     identity = peer_identity(None)
     try:
         forger = hivemind.DHT(
@@ -100,5 +100,5 @@ def test_forged_and_malformed_records_are_refused_and_never_reach_routing(local_
     assert identity.peer_id in stored[0].value, "the forger's own, well-formed record is stored: the path works"
     assert stored[0].value[victim.peer_id].value["throughput"] == victim.info.throughput
     assert identity.peer_id not in stored[1].value, "the malformed record was refused"
-    view = asyncio.run(read_swarm_view(honest, prefix, NUM_BLOCKS))
+    view = run_sync(read_swarm_view(honest, prefix, NUM_BLOCKS))
     assert {span.peer_id: span.info for span in view.spans}[victim.peer_id] == victim.info

@@ -1,0 +1,94 @@
+"""A private swarm in real processes: members with the key generate as usual; a client without it (or with another
+key) cannot join the DHT, and a process that dials a peer directly is refused by every RPC."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import hivemind
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from swarm import AutoDistributedModelForCausalLM
+from swarm.cli import build_parser
+from swarm.client._sync import run_sync
+from swarm.client.transport import call_forward, call_info
+from swarm.errors import ConfigError, InvalidRequest
+from swarm.protocol import SpanRequest
+from swarm.swarm_key import KeyedP2P, SwarmKey
+from swarm.testing import LOOPBACK, LocalSwarm
+from tests.model_factory import FIRST_ORDINARY_TOKEN, VOCAB_SIZE
+
+pytestmark = pytest.mark.slow
+
+NUM_BLOCKS = 2
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir) -> Path:  # type: ignore[no-untyped-def]
+    return tiny_model_dir("llama", NUM_BLOCKS)
+
+
+@pytest.fixture(scope="module")
+def swarm_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("private") / "swarm.key"
+    args = build_parser().parse_args(["new-key", str(path)])
+    assert args.run(args) == 0 and oct(path.stat().st_mode)[-3:] == "600"
+    with pytest.raises(ConfigError, match="never overwritten"):
+        args.run(args)
+    return path
+
+
+@pytest.fixture(scope="module")
+def private_swarm(model_dir, swarm_key, make_swarm) -> LocalSwarm:  # type: ignore[no-untyped-def]
+    return make_swarm(model_dir, [(0, NUM_BLOCKS)], swarm_key=swarm_key)
+
+
+def test_members_generate_as_in_an_open_swarm(model_dir, swarm_key, private_swarm, connect) -> None:  # type: ignore[no-untyped-def]
+    model = connect(model_dir, private_swarm, swarm_key=str(swarm_key))
+    prompt = torch.randint(FIRST_ORDINARY_TOKEN, VOCAB_SIZE, (1, 5), generator=torch.Generator().manual_seed(0))
+    expected = (
+        AutoModelForCausalLM.from_pretrained(model_dir)
+        .eval()
+        .generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    )
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None), expected)
+
+
+def test_outsiders_cannot_join_the_dht(model_dir, private_swarm, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError, match="pass its --swarm-key"):
+        AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=private_swarm.initial_peers)
+    other_key = tmp_path / "other.key"
+    SwarmKey.write_new(other_key)
+    with pytest.raises(ConfigError, match="is --swarm-key this swarm's key"):
+        AutoDistributedModelForCausalLM.from_pretrained(
+            model_dir, initial_peers=private_swarm.initial_peers, swarm_key=other_key
+        )
+
+
+def test_a_peer_refuses_calls_without_the_swarms_token(private_swarm, swarm_key, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    peer = private_swarm.peers[0]
+    address = re.search(r"reachable at: --initial-peers (\S+)", peer.output()).group(1)
+    peer_id = private_swarm.peer_id(peer)
+    other_key = tmp_path / "other.key"
+    SwarmKey.write_new(other_key)
+
+    # an outsider that knows the peer's address: its p2pd dials it (the DHT handshake itself is refused)
+    outsider = hivemind.DHT(
+        initial_peers=[address], host_maddrs=[LOOPBACK], client_mode=True, ensure_bootstrap_success=False, start=True
+    )
+    try:
+        p2p = run_sync(outsider.replicate_p2p())
+        with pytest.raises(InvalidRequest, match="private swarm"):
+            run_sync(call_info(p2p, peer_id, timeout=30))
+        with pytest.raises(InvalidRequest, match="private swarm"):
+            run_sync(call_forward(p2p, peer_id, SpanRequest(0, NUM_BLOCKS), torch.zeros(1, 2, 64), timeout=30))
+        with pytest.raises(InvalidRequest, match="private swarm"):
+            run_sync(call_info(KeyedP2P(p2p, SwarmKey.load(other_key)), peer_id, timeout=30))
+        info = run_sync(call_info(KeyedP2P(p2p, SwarmKey.load(swarm_key)), peer_id, timeout=30))
+        assert (info.start, info.end) == (0, NUM_BLOCKS)  # the same call with the token: answered
+        run_sync(p2p.shutdown())
+    finally:
+        outsider.shutdown()
