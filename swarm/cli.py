@@ -244,6 +244,7 @@ def _connect(args: argparse.Namespace) -> swarm.DistributedModelForCausalLM:
         connect_timeout=args.connect_timeout,
         verify_rate=args.verify_rate,
         swarm_key=args.swarm_key,
+        trusted_peers=tuple(args.trusted_peers),
     )
     return swarm.AutoDistributedModelForCausalLM.from_pretrained(args.model, config=config, adapter=args.adapter)
 
@@ -283,6 +284,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             host_maddrs=tuple(args.host_maddrs),
             verify_rate=args.verify_rate,
             swarm_key=args.swarm_key,
+            trusted_peers=tuple(args.trusted_peers),
         ),
         collaboration=CollaborationConfig(
             run_id=args.run_id,
@@ -374,8 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
     swarm_flags.add_argument(
         "--swarm-key", "--swarm_key", metavar="FILE", help="key file of a private swarm (`swarm new-key FILE`)"
     )
-    verify_flag = argparse.ArgumentParser(add_help=False)
-    verify_flag.add_argument(
+    client_flags = argparse.ArgumentParser(add_help=False)
+    client_flags.add_argument(
+        "--trusted-peers",
+        "--trusted_peers",
+        nargs="+",
+        default=[],
+        metavar="PEER_ID",
+        help="only these peers may run the first and the last block, which see what is closest to your text",
+    )
+    client_flags.add_argument(
         "--verify-rate",
         "--verify_rate",
         type=_rate,
@@ -389,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser(
-        "generate", parents=[common, swarm_flags, verify_flag], help="generate text, streamed as it comes"
+        "generate", parents=[common, swarm_flags, client_flags], help="generate text, streamed as it comes"
     )
     add = generate.add_argument
     add("--prompt", required=True)
@@ -412,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
-        parents=[common, swarm_flags, verify_flag],
+        parents=[common, swarm_flags, client_flags],
         help="serve the model over an OpenAI-compatible API and a chat page",
     )
     add = serve.add_argument
@@ -428,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune = commands.add_parser(
         "finetune",
-        parents=[common, swarm_flags, verify_flag],
+        parents=[common, swarm_flags, client_flags],
         help="train prompts or LoRA adapters together with other trainers",
     )
     add = finetune.add_argument

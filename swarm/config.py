@@ -28,6 +28,7 @@ class ClientConfig:
     max_sub_batch_size: int = 8  # rows per stateless forward/backward call; larger batches go as parallel parts
     verify_rate: float = DEFAULT_VERIFY_RATE  # share of each peer's steps an independent peer recomputes
     swarm_key: str | None = None  # key file of a private swarm (swarm/swarm_key.py); None: an open swarm
+    trusted_peers: tuple[str, ...] = ()  # peer ids that alone may run the first and last blocks (privacy)
 
     def __post_init__(self) -> None:
         if not self.initial_peers:

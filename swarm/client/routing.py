@@ -71,8 +71,11 @@ def choose_route(
     min_cache_tokens: int = 0,
     rng: random.Random | None = None,
     spread_load: bool = False,
+    trusted: Collection[str] = (),
 ) -> Route:
-    """The cheapest chain of spans over blocks [start, end).
+    """The cheapest chain of spans over blocks [start, end). With `trusted` peer ids, the span that runs the
+    model's first block and the one that runs its last block must be theirs (what those two peers see is close
+    to the text itself; see the README's privacy notes).
 
     Raises `CacheFullError` if peers cover the blocks but too few have `min_cache_tokens` free, and
     `MissingBlocksError` naming the blocks that no usable peer serves.
@@ -104,7 +107,12 @@ def choose_route(
         for span in candidates:
             if not span.start <= position < span.end:
                 continue
+            untrusted = bool(trusted) and span.peer_id not in trusted
+            if untrusted and position == 0:
+                continue
             for stop in range(position + 1, min(span.end, end) + 1):
+                if untrusted and stop == view.num_blocks:
+                    continue
                 if spread_load:  # the overhead stays out of the draw, or it would skew the proportions
                     step_cost = _compute_seconds(span, stop - position) * noise[span.peer_id] + HOP_OVERHEAD_SECONDS
                 else:
@@ -122,6 +130,12 @@ def choose_route(
                     f"cache full: no peer serving blocks {min(uncovered_for_cache)}:{max(uncovered_for_cache) + 1} "
                     f"has {min_cache_tokens} tokens of KV cache free; try a smaller max_length or batch, or later"
                 )
+        if trusted:
+            trusted_spans = [span for span in candidates if span.peer_id in trusted]
+            ends = sorted({0, view.num_blocks - 1} & set(range(start, end)))
+            if untrusted_ends := [i for i in ends if _uncovered(trusted_spans, i, i + 1)]:
+                detail = " that is trusted (trusted_peers pins the first and last blocks to them)"
+                raise MissingBlocksError(view.model_prefix, untrusted_ends, detail)
         missing = _uncovered(candidates, start, end)
         banned_there = {
             s.peer_id for s in view.spans if s.peer_id in banned and set(missing) & set(range(s.start, s.end))

@@ -138,6 +138,7 @@ class SwarmClient:
                     min_cache_tokens=min_cache_tokens,
                     rng=self._rng,
                     spread_load=spread_load,
+                    trusted=self.config.trusted_peers,
                 )
             except MissingBlocksError:
                 if not wait or time.monotonic() >= deadline:

@@ -104,3 +104,19 @@ def test_training_routes_spread_over_replicas_in_proportion_to_throughput() -> N
     assert picks.count("fast") / len(picks) == pytest.approx(0.75, abs=0.03)
     # inference on the same view follows latency
     assert choose_route(view, 0, 12, latencies=latencies, rng=rng).spans[0].peer_id == "slow"
+
+
+def test_trusted_peers_alone_run_the_first_and_last_blocks() -> None:
+    view = _view(
+        _span("fast-untrusted", 0, 12),
+        _span("home", 0, 4),
+        _span("middle", 4, 8),
+        _span("office", 8, 12),
+    )
+    latencies = {"fast-untrusted": 0.005, "home": 0.05, "middle": 0.05, "office": 0.05}
+    for seed in range(20):
+        route = choose_route(view, 0, 12, latencies=latencies, rng=random.Random(seed), trusted={"home", "office"})
+        assert route.spans[0].peer_id == "home" and route.spans[-1].peer_id == "office"  # the middle: anyone
+        assert choose_route(view, 4, 8, latencies=latencies, rng=random.Random(seed), trusted={"home"}).spans
+    with pytest.raises(MissingBlocksError, match=r"blocks 11:12 of model have no live peer that is trusted"):
+        choose_route(view, 0, 12, latencies=latencies, trusted={"home"})
