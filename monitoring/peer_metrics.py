@@ -35,7 +35,7 @@ NAMESPACE = "blockswarm"
 RPCS = ("info", "inference", "forward", "backward")
 # "ok", or the kind of the `ErrorReply` the caller got (swarm.protocol.ErrorKind), or "cancelled" when the caller
 # went away mid-request.
-STATUSES = ("ok", "bad_request", "cache_full", "unavailable", "internal", "cancelled")
+STATUSES = ("ok", "bad_request", "cache_full", "unavailable", "internal", "unauthorized", "cancelled")
 PHASES = ("prefill", "decode", "forward", "backward")
 STEP_PHASES = ("prefill", "decode")  # inference steps
 STATES = ("joining", "online", "draining", "offline")  # swarm.protocol.ServerState
