@@ -321,6 +321,7 @@ class BlockHandler:
                         (hidden_states,) = self._expect_tensors(messages.tensors_of(request), 1)
                         metadata = messages.unpack_metadata(request.metadata)
                     step = InferenceStep.from_wire(metadata)
+                    cache = self._rewound(span, cache, step.position)
                     outputs = await self._inference_step(span, cache, session_open, step, hidden_states, adapters)
                     yield messages.response([outputs])
                     request = await self._next_request(requests)
@@ -376,6 +377,20 @@ class BlockHandler:
         for message in messages.to_chunked_messages(runtime_pb2.ExpertResponse, outputs):
             yield message
 
+    @staticmethod
+    def _rewound(span: BlockSlice, cache: Any, position: int) -> Any:
+        """The session's cache without the tokens from `position` on, when a step starts before its end (rejected
+        speculative tokens, an edited conversation); back to 0 is a fresh cache, whatever the layers are."""
+        if position >= cache.get_seq_length():
+            return cache
+        if position == 0:
+            return span.new_cache()
+        try:
+            span.rollback(cache, position)
+        except ValueError as e:
+            raise _Refusal(ErrorKind.BAD_REQUEST, str(e)) from None
+        return cache
+
     async def _inference_step(
         self,
         span: BlockSlice,
@@ -391,10 +406,11 @@ class BlockHandler:
                 ErrorKind.BAD_REQUEST, f"session batch is {session_open.batch_size}, step has {hidden_states.shape[0]}"
             )
         cached = cache.get_seq_length()
-        if step.position != cached:
+        if step.position > cached:
             raise _Refusal(
                 ErrorKind.BAD_REQUEST, f"step starts at position {step.position}, the session holds {cached} tokens"
             )
+
         if step.position + hidden_states.shape[1] > session_open.max_length:
             raise _Refusal(
                 ErrorKind.BAD_REQUEST,

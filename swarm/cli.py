@@ -7,6 +7,7 @@
     swarm finetune MODEL --initial-peers MADDR --data FILE --run-id NAME --output DIR
                                                                train prompts or LoRA with other trainers
     swarm new-key FILE                                         a key for a private swarm (--swarm-key FILE)
+    swarm bench [MODEL] [--initial-peers MADDR]                speed through the swarm vs the local model
 
 Generated text goes to stdout as it is produced; the route, statistics and errors go to stderr, so
 `swarm generate ... > out.txt` keeps only the text. A `SwarmError` ends the command with a one-line message and
@@ -328,6 +329,26 @@ def run_demo(args: argparse.Namespace) -> int:
     return run_demo(options)
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    from swarm.bench import BenchOptions, print_result, run_bench  # imported here: it starts swarms of its own
+    from swarm.demo_model import ensure_demo_model
+
+    options = BenchOptions(
+        model=Path(args.model) if args.model else ensure_demo_model(),
+        initial_peers=tuple(args.initial_peers),
+        peers=args.peers,
+        new_tokens=args.new_tokens,
+        clients=args.clients,
+        repeats=args.repeats,
+        num_threads=args.num_threads,
+        draft=Path(args.draft) if args.draft else None,
+        draft_tokens=args.draft_tokens,
+        long_prompt=args.long_prompt,
+        prefill_chunk=args.prefill_chunk,
+    )
+    return print_result(run_bench(options), Path(args.json) if args.json else None)
+
+
 def _multiaddr(text: str) -> str:
     try:
         Multiaddr(text)
@@ -497,6 +518,29 @@ def build_parser() -> argparse.ArgumentParser:
     add("--num-threads", "--num_threads", type=_positive_int, default=1,
         help="torch threads in each process (default: %(default)s)")  # fmt: skip
     demo.set_defaults(run=run_demo)
+
+    bench = commands.add_parser(
+        "bench", parents=[common], help="measure a swarm's speed against the same model run locally"
+    )
+    add = bench.add_argument
+    add("model", nargs="?", help="model directory (default: the demo model shipped with blockswarm)")
+    add("--initial-peers", "--initial_peers", nargs="+", default=[], type=_multiaddr, metavar="MADDR",
+        help="measure this swarm (default: start a loopback swarm here)")  # fmt: skip
+    add("--peers", type=_positive_int, default=2, help="peers of the loopback swarm (default: %(default)s)")
+    add("--new-tokens", "--new_tokens", type=_positive_int, default=32, help="default: %(default)s")
+    add("--clients", type=_positive_int, default=8, help="concurrent sessions (default: %(default)s)")
+    add("--repeats", type=_positive_int, default=3, help="runs per figure; medians are reported (default: %(default)s)")
+    add("--num-threads", "--num_threads", type=_positive_int, default=1,
+        help="torch threads in each process (default: %(default)s)")  # fmt: skip
+    add("--draft", help="draft model for speculative decoding (default: the model itself, run locally)")
+    add("--draft-tokens", "--draft_tokens", type=_positive_int, default=4,
+        help="guesses per step (default: %(default)s)")  # fmt: skip
+    add("--long-prompt", "--long_prompt", type=_positive_int, default=512,
+        help="prompt tokens of the prefill timing (default: %(default)s)")  # fmt: skip
+    add("--prefill-chunk", "--prefill_chunk", type=_positive_int, default=128,
+        help="chunk of the pipelined prefill (default: %(default)s)")  # fmt: skip
+    add("--json", metavar="FILE", help="also write the figures as JSON")
+    bench.set_defaults(run=run_bench)
     return parser
 
 

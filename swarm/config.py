@@ -29,6 +29,7 @@ class ClientConfig:
     verify_rate: float = DEFAULT_VERIFY_RATE  # share of each peer's steps an independent peer recomputes
     swarm_key: str | None = None  # key file of a private swarm (swarm/swarm_key.py); None: an open swarm
     trusted_peers: tuple[str, ...] = ()  # peer ids that alone may run the first and last blocks (privacy)
+    prefill_chunk_tokens: int = 128  # a longer prompt flows down the route in chunks, every peer busy at once; 0: off
 
     def __post_init__(self) -> None:
         if not self.initial_peers:
@@ -45,6 +46,8 @@ class ClientConfig:
                 raise ConfigError(f"{name} must be positive")
         if not 0.0 <= self.verify_rate <= 1.0:
             raise ConfigError(f"verify_rate must be within [0, 1], got {self.verify_rate}")
+        if self.prefill_chunk_tokens < 0:
+            raise ConfigError("prefill_chunk_tokens must be >= 0 (0 sends a prompt whole to one span after another)")
         if self.max_sub_batch_size <= 0:
             raise ConfigError("max_sub_batch_size must be positive")
         if self.max_retries < 0 or self.hung_step_factor <= 1:

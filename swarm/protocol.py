@@ -10,7 +10,8 @@ RPCs (hivemind P2P protobuf handlers; requests are `ExpertRequest`, replies `Exp
   * RPC_INFERENCE   stream <-> stream  first message `InferenceOpen` + `InferenceStep`, then `InferenceStep`s;
                                       the peer keeps the session's KV cache until the stream closes; the first
                                       message may carry a LoRA adapter and deep prompts as RPC_FORWARD does
-                                      (tensors [hidden, *lora, prompts]), applied to every step of the session
+                                      (tensors [hidden, *lora, prompts]), applied to every step of the session;
+                                      a step that starts before the cached tokens' end rolls the cache back to it
   * RPC_FORWARD     unary or stream  `SpanRequest`, tensors [hidden, *lora]            -> [hidden]
   * RPC_BACKWARD    unary or stream  `SpanRequest`, tensors [hidden, grad_out, *lora]  -> [grad_in, *grad_lora]
                                       with `{"lora": LoraHeader}` in the metadata, the caller's LoRA adapter for

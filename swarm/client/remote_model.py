@@ -249,17 +249,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _session_logits(self, conversation: _Conversation, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits for the tokens of `input_ids` the session has not processed yet; the peers keep the rest in
-        their caches. Soft prompts go in front of the first step, as in a stateless forward."""
+        their caches. Where `input_ids` leaves what was processed (rejected speculative tokens, an edited
+        conversation), the session and the peers' caches roll back to the last common token first; when nothing is
+        new, the last token is computed again. Soft prompts go in front of the first step, as in a stateless
+        forward."""
         session, sent = conversation.session, conversation.sent_ids
-        done = 0 if sent is None else sent.shape[1]
-        if sent is not None and not torch.equal(input_ids[:, :done], sent):
-            raise ConfigError(
-                "these input_ids do not continue what this inference session has processed; "
-                "open a new session for a different text"
-            )
+        done = 0 if sent is None else common_prefix_length(sent, input_ids)
+        done = min(done, input_ids.shape[1] - 1)  # at least one token to compute, for its logits
+        if sent is not None and done < sent.shape[1]:
+            prompt_length = 0 if self.prompts is None else self.prompts.pre_seq_len
+            session.rollback(prompt_length + done if done else 0)  # back to 0: the soft prompts go again
         new_ids = input_ids[:, done:]
-        if new_ids.shape[1] == 0:
-            raise ConfigError("no new tokens: the session has already processed this whole sequence")
         token_vectors = self.client_modules.embeddings(new_ids)
         prompt_length = 0
         if self.prompts is not None and session.position == 0:
@@ -298,6 +298,15 @@ class AutoDistributedModelForCausalLM:
     """Entry point mirroring transformers' Auto classes: `AutoDistributedModelForCausalLM.from_pretrained(...)`."""
 
     from_pretrained = DistributedModelForCausalLM.from_pretrained
+
+
+def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading positions two [batch, seq] token tensors share in every row."""
+    length = min(a.shape[1], b.shape[1])
+    if a.shape[0] != b.shape[0]:
+        return 0
+    differs = (a[:, :length] != b[:, :length]).any(0).nonzero()
+    return int(differs[0]) if len(differs) else length
 
 
 def _load_adapter(

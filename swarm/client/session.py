@@ -16,6 +16,7 @@ A hung peer (stopped, not dead) is found by a per-step timeout that adapts to th
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
@@ -63,12 +64,22 @@ class _SpanConnection:
 class InferenceSession:
     """Steps of one conversation through blocks [0, num_blocks); `position` counts the tokens sent so far."""
 
-    def __init__(self, swarm: SwarmClient, max_length: int, adapters: ModelAdapters | None = None):
+    def __init__(
+        self,
+        swarm: SwarmClient,
+        max_length: int,
+        adapters: ModelAdapters | None = None,
+        *,
+        prefill_chunk_tokens: int | None = None,
+    ):
         if max_length <= 0:
             raise ConfigError("max_length must be positive")
         self.swarm = swarm
         self.max_length = max_length
         self.adapters = adapters  # LoRA / deep prompts every peer applies to this session's steps
+        # a longer step flows down the route in chunks of this size (`_pipelined`); 0: sent whole, span by span
+        chunk = swarm.config.prefill_chunk_tokens if prefill_chunk_tokens is None else prefill_chunk_tokens
+        self.prefill_chunk_tokens = chunk
         self.position = 0
         self.reroutes = 0  # how many failed spans were replaced so far
         self._batch_size: int | None = None
@@ -103,6 +114,16 @@ class InferenceSession:
             raise ConfigError(f"the session was opened for batch size {self._batch_size}, this step has {batch}")
         if not self._connections:
             raise ConfigError("this inference session is closed")
+        chunk = self.prefill_chunk_tokens
+        if chunk and seq > chunk and len(self._connections) > 1:
+            try:
+                outputs = await self._pipelined(hidden_states, chunk)
+            except RETRYABLE_ERRORS as e:  # the failed span is replaced; the plain path below redoes the step
+                logger.info("Pipelined prefill failed (%s); sending the prompt span by span", e)
+            else:
+                self.position += seq
+                self._record_timing(began, seq)
+                return outputs
         index = 0
         while index < len(self._connections):
             connection = self._connections[index]
@@ -127,6 +148,57 @@ class InferenceSession:
         elif seq == 1:  # a new prompt in a conversation is not an inter-token gap
             self._metrics.inter_token.observe(now - self._last_output_time)
         self._last_output_time = now
+
+    async def _pipelined(self, hidden_states: torch.Tensor, chunk: int) -> torch.Tensor:
+        """A long prompt cut into chunks of `chunk` tokens that flow down the route, so that every peer works at
+        once: while the second span runs chunk 1, the first runs chunk 2. Each span's stream takes its chunks in
+        order.
+
+        If a span fails, the spans after it stop once they have answered what they were given (a stream must
+        never be left with a request in flight), the failed span is replaced as in any step, and the caller sends
+        the step again from `position`: nothing was recorded, and the peers that got further roll back."""
+        chunks = hidden_states.split(chunk, dim=1)
+        queues: list[asyncio.Queue[torch.Tensor | None]] = [asyncio.Queue() for _ in range(len(self._connections) + 1)]
+        for part in chunks:
+            queues[0].put_nowait(part)
+        received: list[list[torch.Tensor]] = [[] for _ in self._connections]  # each span's input chunks
+
+        async def run(index: int, connection: _SpanConnection) -> None:
+            position = self.position
+            try:
+                for _ in chunks:
+                    part = await queues[index].get()
+                    if part is None:
+                        return  # a span before this one failed
+                    received[index].append(part)
+                    queues[index + 1].put_nowait(await self._send(connection, part, position))
+                    position += part.shape[1]
+            except BaseException:
+                queues[index + 1].put_nowait(None)
+                raise
+
+        results = await asyncio.gather(
+            *(run(i, connection) for i, connection in enumerate(self._connections)), return_exceptions=True
+        )
+        for index, result in enumerate(results):
+            if isinstance(result, BaseException):
+                if isinstance(result, RETRYABLE_ERRORS):
+                    await self._replace(index, result)
+                raise result
+        for connection, parts in zip(self._connections, received, strict=True):
+            connection.inputs.append(torch.cat(parts, dim=1))
+        return torch.cat([queues[-1].get_nowait() for _ in chunks], dim=1)
+
+    def rollback(self, position: int) -> None:
+        """Forget every token from `position` on: the next step starts there, and each peer drops the rest of its
+        cache when it sees that step (speculative decoding, an edited conversation)."""
+        if not 0 <= position <= self.position:
+            raise ConfigError(f"cannot roll back to position {position}: the session holds {self.position} tokens")
+        for connection in self._connections:
+            if connection.inputs:
+                kept = torch.cat(connection.inputs, dim=1)[:, :position]
+                connection.inputs = [kept] if position else []
+        self.position = position
 
     async def close(self) -> None:
         for connection in self._connections:

@@ -82,6 +82,23 @@ class BlockSlice(nn.Module):
         """An empty KV cache for one session of this slice (sliding-window layers keep only their window)."""
         return DynamicCache(config=self.base_model.config)
 
+    @staticmethod
+    def rollback(cache: DynamicCache, position: int) -> None:
+        """Forget every token from `position` on (speculative decoding, a rewound conversation). A sliding-window
+        layer that has already dropped its oldest tokens cannot go back: ValueError, and the cache is unchanged."""
+        cached = cache.get_seq_length()
+        if not 0 <= position <= cached:
+            raise ValueError(f"cannot roll back to position {position}: the cache holds {cached} tokens")
+        for layer in cache.layers:
+            window = getattr(layer, "sliding_window", None)
+            if getattr(layer, "is_sliding", False) and window is not None and layer.get_seq_length() >= window:
+                raise ValueError(
+                    f"cannot roll back to position {position}: this model's sliding-window layers keep only their "
+                    f"last {window - 1} tokens, and the session is past them"
+                )
+        if position < cached:
+            cache.crop(position - cached)
+
     def forward(
         self,
         hidden_states: torch.Tensor,

@@ -103,13 +103,16 @@ def test_model_dir_holds_no_blocks_on_the_client(
     assert not any(".h." in name or ".layers." in name for name, _ in distributed.named_parameters())
 
 
-def test_beam_search_and_diverging_inputs_are_refused(
+def test_beam_search_is_refused_and_a_different_text_starts_the_session_over(
     swarm_and_local: tuple[DistributedModelForCausalLM, torch.nn.Module],
 ) -> None:
-    distributed, _ = swarm_and_local
+    distributed, local = swarm_and_local
     with pytest.raises(ConfigError, match="beam search"):
         distributed.generate(_prompts(batch=1, length=4, seed=6), max_new_tokens=3, num_beams=2)
-    with distributed.inference_session(max_length=32):
+    other = _prompts(batch=1, length=6, seed=8)
+    other[0, 0] = (_prompts(batch=1, length=4, seed=7)[0, 0] + 1) % VOCAB_SIZE  # no common first token
+    with torch.no_grad(), distributed.inference_session(max_length=32):
         distributed(_prompts(batch=1, length=4, seed=7))
-        with pytest.raises(ConfigError, match="do not continue"):
-            distributed(_prompts(batch=1, length=6, seed=8))  # a different text in the same session
+        logits = distributed(other).logits  # a different text in the same session: the peers' caches start over
+        expected = local(other).logits
+    torch.testing.assert_close(logits, expected, atol=LOGITS_ATOL, rtol=0)

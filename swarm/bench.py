@@ -1,0 +1,268 @@
+"""`swarm bench`: how fast a swarm serves a model, against the same model run locally in the same invocation.
+
+    swarm bench [MODEL] [--peers 2] [--new-tokens 32] [--clients 8] [--repeats 3] [--json FILE]
+    swarm bench MODEL --initial-peers MADDR ...        # an existing swarm instead of one started here
+
+Without `--initial-peers` it starts a loopback swarm (a bootstrap node and `--peers` peers splitting the blocks
+evenly), so the figures measure this implementation's overhead, not a network. It reports, as medians over
+`--repeats` runs:
+
+  * decode tokens/s of greedy generation through the swarm and locally (`transformers` generate), and the ratio;
+  * time to first token (the prompt's pass and one token) through the swarm and locally, and the ratio;
+  * aggregate decode tokens/s of `--clients` concurrent sessions, and its ratio to one session;
+  * speculative decoding with `--draft MODEL` (greedy; the local model itself when not given): tokens/s and the
+    draft's acceptance rate;
+  * the prefill of a `--long-prompt` prompt pipelined in chunks of `--prefill-chunk` tokens, against sent whole.
+
+Swarm and local tokens are compared in every run; a difference is reported as a failure (exit code 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from swarm.client._sync import run_sync
+from swarm.client.remote_model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
+from swarm.client.session import InferenceSession
+from swarm.client.speculative import speculative_generate
+from swarm.config import ClientConfig
+from swarm.demo import even_spans
+from swarm.models import ModelSource
+from swarm.testing import LocalSwarm
+
+START_TIMEOUT_SECONDS = 180.0
+PROMPT_TOKENS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class BenchOptions:
+    model: Path
+    initial_peers: tuple[str, ...]  # empty: start a loopback swarm here
+    peers: int
+    new_tokens: int
+    clients: int
+    repeats: int
+    num_threads: int  # torch threads of the local model, the client and each peer started here
+    draft: Path | None  # speculative decoding's draft model; None: the local model itself
+    draft_tokens: int
+    long_prompt: int  # tokens of the prompt whose prefill is timed pipelined and whole
+    prefill_chunk: int
+
+
+@dataclass(frozen=True, slots=True)
+class BenchResult:
+    model: str
+    peers: str  # "loopback swarm of N peers" or the initial peers given
+    new_tokens: int
+    local_decode_tokens_per_s: float
+    swarm_decode_tokens_per_s: float
+    decode_ratio: float  # swarm / local
+    local_ttft_s: float
+    swarm_ttft_s: float
+    ttft_ratio: float  # swarm / local
+    clients: int
+    concurrent_tokens_per_s: float  # all clients together
+    concurrency_ratio: float  # / one session's tokens/s
+    speculative_tokens_per_s: float
+    speculative_ratio: float  # / plain decoding through the swarm
+    draft_acceptance: float
+    long_prompt: int
+    whole_prefill_s: float  # the long prompt sent whole to one span after another
+    pipelined_prefill_s: float  # the same prompt in chunks flowing down the route
+    pipelined_ratio: float  # pipelined / whole
+    tokens_equal_local: bool
+
+    def table(self) -> str:
+        rows = [
+            ("decode tokens/s", f"{self.local_decode_tokens_per_s:.1f}", f"{self.swarm_decode_tokens_per_s:.1f}",
+             f"{self.decode_ratio:.2f}x"),
+            ("time to first token", f"{self.local_ttft_s * 1000:.0f} ms", f"{self.swarm_ttft_s * 1000:.0f} ms",
+             f"{self.ttft_ratio:.2f}x"),
+            (f"{self.clients} concurrent sessions, tokens/s", "", f"{self.concurrent_tokens_per_s:.1f}",
+             f"{self.concurrency_ratio:.2f}x one session"),
+            ("speculative decoding, tokens/s", "", f"{self.speculative_tokens_per_s:.1f}",
+             f"{self.speculative_ratio:.2f}x plain (acceptance {self.draft_acceptance:.0%})"),
+            (f"prefill of {self.long_prompt} tokens, pipelined", "", f"{self.pipelined_prefill_s * 1000:.0f} ms",
+             f"{self.pipelined_ratio:.2f}x whole ({self.whole_prefill_s * 1000:.0f} ms)"),
+        ]  # fmt: skip
+        header = ("", "local", "swarm", "ratio")
+        widths = [max(len(row[i]) for row in (header, *rows)) for i in range(4)]
+        lines = [
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in (header, *rows)
+        ]
+        return "\n".join([f"{self.model} through {self.peers}, {self.new_tokens} new tokens, medians", *lines])
+
+
+def run_bench(options: BenchOptions) -> BenchResult:
+    torch.set_num_threads(options.num_threads)
+    local = AutoModelForCausalLM.from_pretrained(options.model).eval()
+    draft = local if options.draft is None else AutoModelForCausalLM.from_pretrained(options.draft).eval()
+    prompt = torch.randint(3, local.config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    swarm = None
+    try:
+        initial_peers = options.initial_peers
+        if not initial_peers:
+            num_blocks = ModelSource.open(options.model).layout.num_blocks
+            swarm = LocalSwarm(
+                options.model,
+                even_spans(num_blocks, options.peers),
+                num_threads=options.num_threads,
+                start_timeout=START_TIMEOUT_SECONDS,
+            ).start()
+            initial_peers = tuple(swarm.initial_peers)
+        config = ClientConfig(initial_peers=initial_peers, connect_timeout=START_TIMEOUT_SECONDS, verify_rate=0.0)
+        model = AutoDistributedModelForCausalLM.from_pretrained(options.model, config=config)
+        try:
+            run_sync(model.swarm.wait_blocks_covered(START_TIMEOUT_SECONDS))
+            return _measure(options, local, draft, model, prompt, swarm)
+        finally:
+            model.close()
+    finally:
+        if swarm is not None:
+            swarm.close()
+
+
+def _measure(
+    options: BenchOptions,
+    local: PreTrainedModel,
+    draft: PreTrainedModel,
+    model: DistributedModelForCausalLM,
+    prompt: torch.Tensor,
+    swarm: LocalSwarm | None,
+) -> BenchResult:
+    def greedy(generator: Callable[..., torch.Tensor]) -> Callable[[int], torch.Tensor]:
+        return lambda count: generator(prompt, max_new_tokens=count, do_sample=False, eos_token_id=None)
+
+    local_ttft, local_rate, expected = _time_generate(greedy(local.generate), options.new_tokens, options.repeats)
+    swarm_ttft, swarm_rate, tokens = _time_generate(greedy(model.generate), options.new_tokens, options.repeats)
+    equal = torch.equal(tokens, expected)
+
+    concurrent = statistics.median(
+        _concurrent_tokens_per_second(model, prompt, options.new_tokens, options.clients)
+        for _ in range(options.repeats)
+    )
+    single = statistics.median(
+        _concurrent_tokens_per_second(model, prompt, options.new_tokens, 1) for _ in range(options.repeats)
+    )
+    speculative_seconds, acceptance = [], 0.0
+    for _ in range(options.repeats):
+        began = time.perf_counter()
+        speculated, stats = speculative_generate(
+            model, draft, prompt, options.new_tokens, num_draft_tokens=options.draft_tokens
+        )
+        speculative_seconds.append(time.perf_counter() - began)
+        equal &= torch.equal(speculated, expected)
+        acceptance = stats.acceptance
+    speculative_rate = options.new_tokens / statistics.median(speculative_seconds)
+    long_prompt = torch.randint(
+        3, local.config.vocab_size, (1, options.long_prompt), generator=torch.Generator().manual_seed(1)
+    )
+    whole = _prefill_seconds(model, long_prompt, 0, options.repeats)
+    pipelined = _prefill_seconds(model, long_prompt, options.prefill_chunk, options.repeats)
+    plain_rate = options.new_tokens / (swarm_ttft + (options.new_tokens - 1) / swarm_rate)
+    return BenchResult(
+        model=str(options.model),
+        peers=f"a loopback swarm of {options.peers} peers" if swarm is not None else " ".join(options.initial_peers),
+        new_tokens=options.new_tokens,
+        local_decode_tokens_per_s=local_rate,
+        swarm_decode_tokens_per_s=swarm_rate,
+        decode_ratio=swarm_rate / local_rate,
+        local_ttft_s=local_ttft,
+        swarm_ttft_s=swarm_ttft,
+        ttft_ratio=swarm_ttft / local_ttft,
+        clients=options.clients,
+        concurrent_tokens_per_s=concurrent,
+        concurrency_ratio=concurrent / single,
+        speculative_tokens_per_s=speculative_rate,
+        speculative_ratio=speculative_rate / plain_rate,
+        draft_acceptance=acceptance,
+        long_prompt=options.long_prompt,
+        whole_prefill_s=whole,
+        pipelined_prefill_s=pipelined,
+        pipelined_ratio=pipelined / whole,
+        tokens_equal_local=equal,
+    )
+
+
+def _time_generate(
+    generate: Callable[[int], torch.Tensor], new_tokens: int, repeats: int
+) -> tuple[float, float, torch.Tensor]:
+    """Median time to first token, median decode tokens/s ((N - 1) / (time for N - time for 1)), last output."""
+    generate(new_tokens)  # warm-up: allocations, routes, latency probes
+    first, full, output = [], [], None
+    for _ in range(repeats):
+        began = time.perf_counter()
+        generate(1)
+        first.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        output = generate(new_tokens)
+        full.append(time.perf_counter() - began)
+    ttft = statistics.median(first)
+    assert output is not None
+    return ttft, (new_tokens - 1) / max(statistics.median(full) - ttft, 1e-9), output
+
+
+def _concurrent_tokens_per_second(
+    model: DistributedModelForCausalLM, prompt: torch.Tensor, new_tokens: int, clients: int
+) -> float:
+    """Tokens/s of `clients` greedy sessions decoding side by side (prompt included in the time)."""
+
+    async def one_session() -> None:
+        session = InferenceSession(model.swarm, prompt.shape[1] + new_tokens)
+        try:
+            with torch.no_grad():
+                hidden = model.client_modules.embed(prompt)
+                for _ in range(new_tokens):
+                    outputs = await session.step(hidden)
+                    token = model.client_modules.logits(outputs[:, -1:]).argmax(-1)
+                    hidden = model.client_modules.embed(token, session.position)
+        finally:
+            await session.close()
+
+    async def all_sessions() -> float:
+        began = time.perf_counter()
+        await asyncio.gather(*(one_session() for _ in range(clients)))
+        return clients * new_tokens / (time.perf_counter() - began)
+
+    return run_sync(all_sessions())
+
+
+def _prefill_seconds(model: DistributedModelForCausalLM, prompt: torch.Tensor, chunk: int, repeats: int) -> float:
+    """Median seconds of a session's first step over `prompt`, chunked by `chunk` tokens (0: whole), after the
+    session's streams are open (a one-token step opens them first)."""
+
+    async def once() -> float:
+        session = InferenceSession(model.swarm, prompt.shape[1] + 1, prefill_chunk_tokens=chunk)
+        try:
+            with torch.no_grad():
+                hidden = model.client_modules.embed(prompt)
+                await session.step(hidden[:, :1])  # opens every span's stream
+                began = time.perf_counter()
+                await session.step(hidden[:, 1:])
+                return time.perf_counter() - began
+        finally:
+            await session.close()
+
+    run_sync(once())  # warm-up
+    return statistics.median(run_sync(once()) for _ in range(repeats))
+
+
+def print_result(result: BenchResult, json_path: Path | None) -> int:
+    print(result.table())
+    if json_path is not None:
+        json_path.write_text(json.dumps(asdict(result), indent=2) + "\n")
+        print(f"JSON: {json_path}")
+    if not result.tokens_equal_local:
+        print("FAILED: the swarm's tokens differ from the local model's", file=sys.stderr)
+        return 1
+    return 0
