@@ -43,6 +43,7 @@ DIRECTIONS = ("in", "out")
 ANNOUNCE_STATUSES = ("ok", "failed")
 
 RPC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -102,6 +103,12 @@ class PeerMetrics:
             buckets=STEP_BUCKETS,
             registry=registry,
         )
+        self.decode_batch_sessions = Histogram(
+            f"{NAMESPACE}_decode_batch_sessions",
+            "Sessions whose decode steps ran in one forward pass (1: alone); more under concurrent load",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
         self.network_bytes = Counter(
             f"{NAMESPACE}_network_bytes_total",
             "Bytes of RPC messages received (in) and sent (out)",
@@ -154,6 +161,9 @@ class PeerMetrics:
 
     def record_tokens(self, phase: str, tokens: int) -> None:
         self.tokens.labels(phase).inc(tokens)
+
+    def record_decode_batch(self, sessions: int) -> None:
+        self.decode_batch_sessions.observe(sessions)
 
     def record_step(self, phase: str, seconds: float, tokens: int) -> None:
         """One inference step of `tokens` token positions (batch rows times sequence length)."""

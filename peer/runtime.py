@@ -1,5 +1,9 @@
 """Runs the hosted blocks on the device, off the event loop.
 
+Decode steps of different sessions that wait for the device at the same time run as one batch over their own
+KV caches (`BlockSlice.decode_together`): under load each forward pass serves many sessions, and a lone step
+waits for nothing.
+
 All torch work happens in one executor thread: the event loop keeps serving streams and the DHT while a
 step computes, and steps of different sessions never race on the device. A caller's LoRA adapter and deep
 prompts are hooked onto the blocks for its request, or for each step of its inference session, only
@@ -49,13 +53,21 @@ class RequestAdapters:
 class BlockRuntime:
     """Forward, backward and cached inference steps over blocks [start, end) of the hosted slice."""
 
-    def __init__(self, block_slice: BlockSlice, output_noise: float = 0.0):
+    def __init__(
+        self,
+        block_slice: BlockSlice,
+        output_noise: float = 0.0,
+        on_decode_batch: Callable[[int], None] = lambda sessions: None,
+    ):
         self.block_slice = block_slice
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-runtime")
         self._sub_slices: dict[tuple[int, int], BlockSlice] = {}
         # A faulty peer, for tests of the clients' spot checks only: Gaussian noise of this std on every output.
         self.output_noise = output_noise
         self._noise = torch.Generator().manual_seed(0)
+        self._decodes: list[_PendingDecode] = []  # decode steps waiting for the executor, batched when it frees up
+        self._decoding: asyncio.Task[None] | None = None
+        self.on_decode_batch = on_decode_batch  # told how many sessions each decode forward pass served
 
     @property
     def start(self) -> int:
@@ -80,7 +92,10 @@ class BlockRuntime:
         adapters: RequestAdapters | None = None,
     ) -> torch.Tensor:
         """The blocks' output for states that start at `position`, with the session's adapters (already on the
-        span's device and dtype) applied."""
+        span's device and dtype) applied. Decode steps of different sessions that wait for the device together
+        run as one batch (`_decode_waiting`)."""
+        if adapters is None and hidden_states.shape[1] == 1 and BlockSlice.can_decode_together(cache):
+            return self._faulty(await self._decode(span, cache, hidden_states))
         return self._faulty(await self._run(_inference_step, span, cache, hidden_states, position, adapters))
 
     async def forward(
@@ -97,6 +112,36 @@ class BlockRuntime:
     ) -> list[torch.Tensor]:
         """[grad w.r.t. hidden_states, *grads w.r.t. `adapters.tensors()`]."""
         return await self._run(_backward, span, hidden_states, grad_outputs, adapters)
+
+    async def _decode(self, span: BlockSlice, cache: DynamicCache, hidden_states: torch.Tensor) -> torch.Tensor:
+        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        self._decodes.append(_PendingDecode(span, cache, hidden_states, future))
+        if self._decoding is None or self._decoding.done():
+            self._decoding = asyncio.create_task(self._decode_waiting())
+        return await future
+
+    async def _decode_waiting(self) -> None:
+        """Run the waiting decode steps, those of one span as one batch, until none is left. Steps that arrive
+        while a batch computes wait for the next one: under load, batches grow by themselves; alone, a step
+        waits for nothing."""
+        await asyncio.sleep(0)  # steps that arrived in this same turn of the loop join the first batch
+        while self._decodes:
+            waiting, self._decodes = self._decodes, []
+            by_span: dict[int, list[_PendingDecode]] = {}
+            for pending in waiting:
+                by_span.setdefault(id(pending.span), []).append(pending)
+            for group in by_span.values():
+                try:
+                    outputs = await self._run(_decode_together, group[0].span, [(p.hidden, p.cache) for p in group])
+                except Exception as e:
+                    for pending in group:
+                        if not pending.future.done():
+                            pending.future.set_exception(e)
+                    continue
+                self.on_decode_batch(len(group))
+                for pending, output in zip(group, outputs, strict=True):
+                    if not pending.future.done():  # its caller may have gone (the session's stream closed)
+                        pending.future.set_result(output)
 
     def _faulty(self, outputs: torch.Tensor) -> torch.Tensor:
         if not self.output_noise:
@@ -125,6 +170,23 @@ def _inference_step(
             return span(hidden_states, cache=cache, position=position).cpu()
         with _applied(span, adapters, position):
             return span(hidden_states, cache=cache, position=position).cpu()
+
+
+@dataclass(frozen=True)
+class _PendingDecode:
+    span: BlockSlice
+    cache: DynamicCache
+    hidden: torch.Tensor  # [rows, 1, hidden]
+    future: asyncio.Future[torch.Tensor]
+
+
+def _decode_together(span: BlockSlice, steps: list[tuple[torch.Tensor, DynamicCache]]) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        steps = [(hidden.to(device=span.device, dtype=span.dtype), cache) for hidden, cache in steps]
+        if len(steps) == 1:
+            ((hidden, cache),) = steps
+            return [span(hidden, cache=cache, position=cache.get_seq_length()).cpu()]
+        return [output.cpu() for output in span.decode_together(steps)]
 
 
 def _forward(span: BlockSlice, hidden_states: torch.Tensor, adapters: RequestAdapters | None) -> torch.Tensor:

@@ -202,7 +202,7 @@ class Peer:
             self.span = await self._choose_span()
         self._show_span()
         await self.announcer.announce_now()  # JOINING: monitors see the peer while it loads, joiners avoid its span
-        self.runtime = BlockRuntime(await self._load(), self.config.output_noise)
+        self.runtime = BlockRuntime(await self._load(), self.config.output_noise, self.metrics.record_decode_batch)
         limits = HandlerLimits.from_config(config, self.source.config.hidden_size)
         handler = BlockHandler(
             self.runtime, self.budget, limits, self.peer_info, lambda: self.state.routable, metrics=self.metrics,
@@ -343,7 +343,10 @@ class Peer:
         self.state = ServerState.JOINING
         self._show_span()
         await self.announcer.announce_now()
-        old_runtime, self.runtime = self.runtime, BlockRuntime(await self._load(), self.config.output_noise)
+        old_runtime, self.runtime = (
+            self.runtime,
+            BlockRuntime(await self._load(), self.config.output_noise, self.metrics.record_decode_batch),
+        )
         handler.runtime = self.runtime
         if old_runtime is not None:
             old_runtime.close()

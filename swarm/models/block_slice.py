@@ -14,6 +14,7 @@ import inspect
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from swarm.errors import BlockRangeError
 from swarm.models.layout import ModelLayout, slice_config
@@ -98,6 +99,52 @@ class BlockSlice(nn.Module):
                 )
         if position < cached:
             cache.crop(position - cached)
+
+    @staticmethod
+    def can_decode_together(cache: DynamicCache) -> bool:
+        """Whether a session's cache can join a batch of decode steps (`decode_together`): only plain growing
+        layers; sliding-window layers keep windows of their own."""
+        return cache.get_seq_length() > 0 and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    def decode_together(self, steps: list[tuple[torch.Tensor, DynamicCache]]) -> list[torch.Tensor]:
+        """One decode token per row for several sessions in one forward pass: the outputs of each (hidden states
+        [rows, 1, hidden] and its cache) are those of running it alone, up to float rounding, and each cache gets
+        its new keys and values.
+
+        The sessions' caches differ in length: they are left-padded to the longest in a batched cache, the
+        padding masked out, and every row gets its own position. The weights are read once for all sessions,
+        which is what makes a batch cheaper than its steps one by one."""
+        lengths = [cache.get_seq_length() for _, cache in steps]
+        longest = max(lengths)
+        rows = [hidden.shape[0] for hidden, _ in steps]
+        device = steps[0][0].device
+        batched = DynamicCache(config=self.base_model.config)
+        for index in range(len(steps[0][1].layers)):
+            keys, values = [], []
+            for (_, cache), length in zip(steps, lengths, strict=True):
+                layer = cache.layers[index]
+                pad = (0, 0, longest - length, 0)  # left-pad the sequence dimension of [rows, heads, seq, dim]
+                keys.append(torch.nn.functional.pad(layer.keys, pad))
+                values.append(torch.nn.functional.pad(layer.values, pad))
+            batched.update(torch.cat(keys), torch.cat(values), index)
+        mask = torch.zeros(sum(rows), longest + 1, dtype=torch.long, device=device)
+        positions = torch.empty(sum(rows), 1, dtype=torch.long, device=device)
+        row = 0
+        for count, length in zip(rows, lengths, strict=True):
+            mask[row : row + count, longest - length :] = 1
+            positions[row : row + count] = length
+            row += count
+        kwargs = {self._cache_argument: batched}
+        if self._takes_position_ids:
+            kwargs["position_ids"] = positions
+        hidden = torch.cat([hidden for hidden, _ in steps])
+        outputs = self.base_model(inputs_embeds=hidden, attention_mask=mask, use_cache=True, **kwargs).last_hidden_state
+        row = 0
+        for count, (_, cache) in zip(rows, steps, strict=True):
+            for index, layer in enumerate(batched.layers):
+                cache.update(layer.keys[row : row + count, :, -1:], layer.values[row : row + count, :, -1:], index)
+            row += count
+        return list(outputs.split(rows))
 
     def forward(
         self,

@@ -160,3 +160,34 @@ def test_step_at_a_position_the_cache_does_not_hold_is_refused(saved_model: Call
     with pytest.raises(ValueError, match="starts at position 0, but the cache holds 3 tokens"):
         block_slice(hidden[:, :1], cache=cache, position=0)
     assert cache.get_seq_length() == 3  # the refused step left the cache alone
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_decode_steps_of_sessions_together_equal_each_alone(
+    saved_model: Callable[..., SavedModel], family: str
+) -> None:
+    _, path = saved_model(family)
+    (block_slice,) = load_chain(path, spans=[(1, 4)])[1]
+    generator = torch.Generator().manual_seed(3)
+    sessions = [(1, 3), (2, 6), (1, 1), (1, 5)]  # (rows, cached tokens): caches of different lengths
+    prompts = [torch.randn(rows, length, block_slice.hidden_size, generator=generator) for rows, length in sessions]
+    steps = [torch.randn(rows, 1, block_slice.hidden_size, generator=generator) for rows, _ in sessions]
+    with torch.inference_mode():
+        alone, together = [], []
+        for prompt, step in zip(prompts, steps, strict=True):
+            cache = block_slice.new_cache()
+            block_slice(prompt, cache=cache, position=0)
+            alone.append(block_slice(step, cache=cache, position=prompt.shape[1]))
+            alone.append(block_slice(step * 2, cache=cache, position=prompt.shape[1] + 1))  # and the next one
+        caches = [block_slice.new_cache() for _ in sessions]
+        for prompt, cache in zip(prompts, caches, strict=True):
+            block_slice(prompt, cache=cache, position=0)
+        if not all(BlockSlice.can_decode_together(cache) for cache in caches):
+            assert family in ("qwen2", "mistral")  # sliding-window layers: these sessions decode one by one
+            return
+        together += block_slice.decode_together(list(zip(steps, caches, strict=True)))
+        together += block_slice.decode_together([(step * 2, cache) for step, cache in zip(steps, caches, strict=True)])
+    assert [cache.get_seq_length() for cache in caches] == [length + 2 for _, length in sessions]
+    expected = alone[0::2] + alone[1::2]
+    for ours, theirs in zip(together, expected, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)

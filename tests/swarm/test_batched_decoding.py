@@ -1,0 +1,65 @@
+"""Decode steps of concurrent sessions batched on the peers: each session's greedy tokens equal what local
+generation gives for its own prompt, while the peers' forward passes serve several sessions at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from swarm.client._sync import run_sync
+from swarm.client.session import InferenceSession
+from tests.model_factory import FIRST_ORDINARY_TOKEN, VOCAB_SIZE
+from tests.prometheus_tools import scrape
+
+pytestmark = pytest.mark.slow
+
+NUM_BLOCKS = 4
+NEW_TOKENS = 12
+SESSIONS = 6
+METRICS_LINE = r"Metrics at (http://127\.0\.0\.1:\d+/metrics)"
+
+
+def test_concurrent_sessions_get_their_own_tokens_from_batched_steps(make_swarm, connect, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    model_dir = tiny_model_dir("llama", NUM_BLOCKS)
+    local_swarm = make_swarm(model_dir, [(0, 2), (2, NUM_BLOCKS)], peer_args=["--metrics-port", "0"])
+    urls = [peer.wait_for_line(METRICS_LINE, 60).group(1) for peer in local_swarm.peers]
+    model = connect(model_dir, local_swarm, verify_rate=0.0)
+    local = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    generator = torch.Generator().manual_seed(11)
+    prompts = [  # different lengths and batch rows: caches of different lengths in one batch
+        torch.randint(FIRST_ORDINARY_TOKEN, VOCAB_SIZE, (1 + i % 2, 3 + 2 * i), generator=generator)
+        for i in range(SESSIONS)
+    ]
+
+    async def greedy(prompt: torch.Tensor) -> torch.Tensor:
+        session = InferenceSession(model.swarm, prompt.shape[1] + NEW_TOKENS)
+        tokens = prompt
+        try:
+            hidden = model.client_modules.embed(prompt)
+            for _ in range(NEW_TOKENS):
+                outputs = await session.step(hidden)
+                token = model.client_modules.logits(outputs[:, -1:]).argmax(-1)
+                tokens = torch.cat([tokens, token], dim=1)
+                hidden = model.client_modules.embed(token, session.position)
+        finally:
+            await session.close()
+        return tokens
+
+    async def all_sessions() -> list[torch.Tensor]:
+        return list(await asyncio.gather(*(greedy(prompt) for prompt in prompts)))
+
+    with torch.no_grad():
+        results = run_sync(all_sessions())
+        for prompt, tokens in zip(prompts, results, strict=True):
+            expected = local.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+            assert torch.equal(tokens, expected)
+
+    for url in urls:
+        metrics = scrape(url)
+        passes = metrics["blockswarm_decode_batch_sessions_count{}"]
+        alone = metrics['blockswarm_decode_batch_sessions_bucket{le="1.0"}']
+        assert passes < SESSIONS * (NEW_TOKENS - 1)  # fewer forward passes than decode steps ...
+        assert passes - alone > 0  # ... because some served several sessions at once
