@@ -99,6 +99,8 @@ def build_parser() -> configargparse.ArgumentParser:
         help="address the metrics server listens on")  # fmt: skip
     # tests of the clients' spot checks only: a faulty peer that adds this much noise to its outputs
     add("--debug-output-noise", "--debug_output_noise", type=float, default=0.0, help=configargparse.SUPPRESS)
+    # benchmarks only, where no network emulation is available: milliseconds added to every inference step
+    add("--debug-added-latency-ms", "--debug_added_latency_ms", type=float, default=0.0, help=configargparse.SUPPRESS)
     return parser
 
 
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             balance_min_improvement=args.balance_min_improvement,
             network_bandwidth=args.network_bandwidth,
             output_noise=args.debug_output_noise,
+            added_latency=args.debug_added_latency_ms / 1000,
         )
         logger.info("Starting with:\n%s", parser.format_values().rstrip())
         run_peer(config)

@@ -47,6 +47,7 @@ class PeerConfig:
     balance_min_improvement: float = 0.2  # move only if the swarm's weakest block gets this much faster (0.2: 20%)
     network_bandwidth: float = 100.0  # Mbit/s: caps the announced throughput at what the link carries
     output_noise: float = 0.0  # tests of clients' spot checks only: a faulty peer's noise on every output
+    added_latency: float = 0.0  # benchmarks only: seconds each inference step waits, as a slow network would
 
     @property
     def auto_blocks(self) -> bool:

@@ -142,8 +142,10 @@ class BlockHandler:
         accepting_sessions: Callable[[], bool] = lambda: True,
         metrics: PeerMetrics | None = None,
         swarm_key: SwarmKey | None = None,
+        added_latency: float = 0.0,
     ):
         self.runtime = runtime
+        self.added_latency = added_latency  # benchmarks only: every inference step waits this long first
         self.swarm_key = swarm_key  # a private swarm: every call must carry the caller's token
         self.budget = budget
         self.limits = limits
@@ -322,6 +324,8 @@ class BlockHandler:
                         metadata = messages.unpack_metadata(request.metadata)
                     step = InferenceStep.from_wire(metadata)
                     cache = self._rewound(span, cache, step.position)
+                    if self.added_latency:
+                        await asyncio.sleep(self.added_latency)
                     outputs = await self._inference_step(span, cache, session_open, step, hidden_states, adapters)
                     yield messages.response([outputs])
                     request = await self._next_request(requests)

@@ -57,6 +57,7 @@ class BenchOptions:
     draft_tokens: int
     long_prompt: int  # tokens of the prompt whose prefill is timed pipelined and whole
     prefill_chunk: int
+    added_latency_ms: float = 0.0  # loopback swarm only: each peer's inference steps wait this long (a network)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +119,7 @@ def run_bench(options: BenchOptions) -> BenchResult:
                 even_spans(num_blocks, options.peers),
                 num_threads=options.num_threads,
                 start_timeout=START_TIMEOUT_SECONDS,
+                peer_args=["--debug-added-latency-ms", str(options.added_latency_ms)],
             ).start()
             initial_peers = tuple(swarm.initial_peers)
         config = ClientConfig(initial_peers=initial_peers, connect_timeout=START_TIMEOUT_SECONDS, verify_rate=0.0)
@@ -172,7 +174,7 @@ def _measure(
     plain_rate = options.new_tokens / (swarm_ttft + (options.new_tokens - 1) / swarm_rate)
     return BenchResult(
         model=str(options.model),
-        peers=f"a loopback swarm of {options.peers} peers" if swarm is not None else " ".join(options.initial_peers),
+        peers=_described(options) if swarm is not None else " ".join(options.initial_peers),
         new_tokens=options.new_tokens,
         local_decode_tokens_per_s=local_rate,
         swarm_decode_tokens_per_s=swarm_rate,
@@ -192,6 +194,11 @@ def _measure(
         pipelined_ratio=pipelined / whole,
         tokens_equal_local=equal,
     )
+
+
+def _described(options: BenchOptions) -> str:
+    latency = f" (each step delayed {options.added_latency_ms:g} ms)" if options.added_latency_ms else ""
+    return f"a loopback swarm of {options.peers} peers{latency}"
 
 
 def _time_generate(

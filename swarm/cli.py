@@ -345,6 +345,7 @@ def run_bench(args: argparse.Namespace) -> int:
         draft_tokens=args.draft_tokens,
         long_prompt=args.long_prompt,
         prefill_chunk=args.prefill_chunk,
+        added_latency_ms=args.added_latency_ms,
     )
     return print_result(run_bench(options), Path(args.json) if args.json else None)
 
@@ -539,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt tokens of the prefill timing (default: %(default)s)")  # fmt: skip
     add("--prefill-chunk", "--prefill_chunk", type=_positive_int, default=128,
         help="chunk of the pipelined prefill (default: %(default)s)")  # fmt: skip
+    add("--added-latency-ms", "--added_latency_ms", type=float, default=0.0,
+        help="delay every inference step on the loopback peers, as a network would (default: %(default)s)")  # fmt: skip
     add("--json", metavar="FILE", help="also write the figures as JSON")
     bench.set_defaults(run=run_bench)
     return parser
