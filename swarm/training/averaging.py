@@ -173,8 +173,6 @@ def collaborative_optimizer(
         config,
         lambda outer_params: torch.optim.SGD(outer_params, lr=lr, momentum=momentum, nesterov=momentum > 0),
         config.local_steps * config.batch_size_per_step,  # samples behind each outer gradient
-        # the outer momentum too: a trainer that took an epoch alone would otherwise keep a momentum of its own
-        average_opt_statistics=("momentum_buffer",) if momentum > 0 else (),
     )
     return LocalStepsOptimizer(outer, inner_optimizer(params), params, config.local_steps)
 
@@ -185,7 +183,6 @@ def _hivemind_optimizer(
     config: CollaborationConfig,
     optimizer: InnerOptimizer,
     batch_size_per_step: int,
-    average_opt_statistics: tuple[str, ...] = (),
 ) -> hivemind.Optimizer:
     codec = averaging_codec(config.compression)
     return hivemind.Optimizer(
@@ -200,7 +197,6 @@ def _hivemind_optimizer(
         load_state_timeout=config.load_state_timeout,
         grad_compression=codec,
         state_averaging_compression=codec,
-        average_opt_statistics=average_opt_statistics,
         # hivemind warns when request_timeout (default 3 s) exceeds the matchmaking time
         averager_opts=dict(request_timeout=min(3.0, config.matchmaking_time / 2)),
         verbose=logger.isEnabledFor(logging.INFO),
