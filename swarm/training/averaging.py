@@ -173,6 +173,8 @@ def collaborative_optimizer(
         config,
         lambda outer_params: torch.optim.SGD(outer_params, lr=lr, momentum=momentum, nesterov=momentum > 0),
         config.local_steps * config.batch_size_per_step,  # samples behind each outer gradient
+        # the run's parameters land in step(), never in the middle of the local steps that start from them
+        delay_state_averaging=False,
     )
     return LocalStepsOptimizer(outer, inner_optimizer(params), params, config.local_steps)
 
@@ -183,6 +185,7 @@ def _hivemind_optimizer(
     config: CollaborationConfig,
     optimizer: InnerOptimizer,
     batch_size_per_step: int,
+    delay_state_averaging: bool = True,
 ) -> hivemind.Optimizer:
     codec = averaging_codec(config.compression)
     return hivemind.Optimizer(
@@ -197,6 +200,7 @@ def _hivemind_optimizer(
         load_state_timeout=config.load_state_timeout,
         grad_compression=codec,
         state_averaging_compression=codec,
+        delay_state_averaging=delay_state_averaging,
         # hivemind warns when request_timeout (default 3 s) exceeds the matchmaking time
         averager_opts=dict(request_timeout=min(3.0, config.matchmaking_time / 2)),
         verbose=logger.isEnabledFor(logging.INFO),
