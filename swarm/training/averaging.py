@@ -18,7 +18,9 @@ H local steps. hivemind counts H × batch_size_per_step samples per outer gradie
 accumulated (mean of this trainer's outer gradients, then weighted by samples across trainers), so a
 `target_batch_size` of about trainers × H × batch_size gives one outer step per trainer per epoch. Until the run
 reaches its target the outer gradient waits in hivemind's accumulator and the parameters restart from θ_start,
-the last parameters the run agreed on, so every accumulated outer gradient starts from the same point.
+the last parameters the run agreed on, so every accumulated outer gradient starts from the same point. The run's
+parameter averaging runs inside the outer step (hivemind's default is in the background): an average applied in
+the middle of the local steps would move the parameters under them and split the trainers (measured).
 
 The trainers' DHT nodes stay in client mode (as every client's), but their averagers must not: client-mode averagers
 only join groups that hold a full one, so a run of clients alone would never average. hivemind 1.1.12 gives the
