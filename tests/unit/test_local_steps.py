@@ -3,7 +3,6 @@ from the run's parameters, and one trainer on a real hivemind DHT (no swarm)."""
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterator
 
 import hivemind
@@ -22,8 +21,6 @@ LOCAL_STEPS = 3
 BATCH_SIZE = 2
 ROUNDING_ATOL = 1e-6  # θ_start − (θ_start − θ_H) is θ_H up to float32 rounding
 # hivemind's progress tracker never closes its thread's event loop; collected, the loop and its self-pipe warn
-TRACKER_LOOP = "Exception ignored in. <function BaseEventLoop.__del__"
-TRACKER_LOOP_SOCKET = "Exception ignored in. <socket.socket fd=[0-9]+, family=1, type=1, proto=0>"
 
 
 def _params() -> list[torch.nn.Parameter]:
@@ -145,8 +142,6 @@ def dht() -> Iterator[hivemind.DHT]:
 
 
 @pytest.mark.slow  # a DHT and two averager processes: about 4 s
-@pytest.mark.filterwarnings(f"ignore:{TRACKER_LOOP}:pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.filterwarnings(f"ignore:{TRACKER_LOOP_SOCKET}:pytest.PytestUnraisableExceptionWarning")
 def test_one_trainer_on_hivemind_with_outer_lr_1_trains_like_local_adamw(dht: hivemind.DHT) -> None:
     """With outer lr 1 and no momentum each outer step lands on the local result, so one trainer whose every
     outer gradient completes an epoch (target = H × batch) follows plain AdamW, one epoch per H steps."""
@@ -172,4 +167,3 @@ def test_one_trainer_on_hivemind_with_outer_lr_1_trains_like_local_adamw(dht: hi
     finally:
         optimizer.shutdown()
         optimizer.tracker.join(timeout=10)
-        gc.collect()  # the tracker's loop is garbage now: collect it here, where its warnings are expected
