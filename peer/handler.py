@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
-from hivemind.utils.asyncio import as_aiter
+from hivemind.utils.asyncio import achain, as_aiter
 from prometheus_client import CollectorRegistry
 
 from monitoring.peer_metrics import PeerMetrics
@@ -187,8 +187,7 @@ class BlockHandler:
             )
 
     def _is_member(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> bool:
-        if self.swarm_key is None:
-            return True
+        assert self.swarm_key is not None
         try:
             metadata = messages.unpack_metadata(request.metadata) if request.metadata else {}
         except ProtocolError:
@@ -200,6 +199,9 @@ class BlockHandler:
         self,
         handler: Callable[[runtime_pb2.ExpertRequest, P2PContext], Awaitable[runtime_pb2.ExpertResponse]],
     ) -> Callable[[runtime_pb2.ExpertRequest, P2PContext], Awaitable[runtime_pb2.ExpertResponse]]:
+        if self.swarm_key is None:
+            return handler
+
         async def checked(request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
             if not self._is_member(request, context):
                 return messages.error_response(_NOT_A_MEMBER)
@@ -214,21 +216,19 @@ class BlockHandler:
         ],
     ) -> Callable[[AsyncIterator[runtime_pb2.ExpertRequest], P2PContext], AsyncIterator[runtime_pb2.ExpertResponse]]:
         """The first message of a stream carries the token; the rest of the stream is the same caller's."""
+        if self.swarm_key is None:
+            return handler
 
         async def checked(
             requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
         ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-            if self.swarm_key is None:
-                async for response in handler(requests, context):
-                    yield response
-                return
             first = await anext(requests, None)
             if first is None:
                 return
             if not self._is_member(first, context):
                 yield messages.error_response(_NOT_A_MEMBER)
                 return
-            async for response in handler(_prepended(first, requests), context):
+            async for response in handler(achain(as_aiter(first), requests), context):
                 yield response
 
         return checked
@@ -578,14 +578,6 @@ class BlockHandler:
 
 
 _NOT_A_MEMBER = ErrorReply(ErrorKind.UNAUTHORIZED, "this peer serves a private swarm; join it with its --swarm-key")
-
-
-async def _prepended(
-    first: runtime_pb2.ExpertRequest, rest: AsyncIterator[runtime_pb2.ExpertRequest]
-) -> AsyncIterator[runtime_pb2.ExpertRequest]:
-    yield first
-    async for request in rest:
-        yield request
 
 
 def _status_of(response: runtime_pb2.ExpertResponse) -> str:
