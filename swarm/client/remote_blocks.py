@@ -107,7 +107,7 @@ async def forward_through(
                     swarm.config.request_timeout, _span_adapters(adapters, span),
                 )  # fmt: skip
                 if check and swarm.spot_checks.due():
-                    await _check_forward(swarm, span, states[-1], outputs, adapters)
+                    await check_forward(swarm, span, states[-1], outputs, adapters)
             except RETRYABLE_ERRORS as e:
                 failures = _count_failure(swarm, span, e, failures)
                 break  # route the rest again from this span's start
@@ -166,14 +166,17 @@ async def _backward_span(
         return await backward_through(swarm, replacement, states[:-1], grad_outputs, adapters, adapter_grads, check)
 
 
-async def _check_forward(
+async def check_forward(
     swarm: SwarmClient, span: RouteSpan, inputs: torch.Tensor, outputs: torch.Tensor, adapters: ModelAdapters | None
 ) -> None:
-    """Spot-check one forward call (verification.py); raises `PeerFaulty` if its peer is outvoted."""
+    """Spot-check what `span.peer_id` returned for the last `outputs.shape[1]` positions of `inputs` (all of them
+    for a forward call; one step of an inference session, whose `inputs` are everything the span has seen), by
+    recomputing the span statelessly elsewhere (verification.py); raises `PeerFaulty` if the peer is outvoted."""
+    seq = outputs.shape[1]
 
     async def recompute(exclude: Collection[str]) -> tuple[torch.Tensor, list[str]]:
         spans, states = await forward_through(swarm, inputs, span.start, span.end, adapters, exclude, check=False)
-        return states[-1], [used.peer_id for used in spans]
+        return states[-1][:, -seq:], [used.peer_id for used in spans]
 
     _raise_if_faulty(span, await check_span(swarm, span, outputs, recompute))
 

@@ -20,22 +20,20 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
 
 from swarm.client.metrics import client_metrics
-from swarm.client.remote_blocks import ModelAdapters, forward_through
+from swarm.client.remote_blocks import ModelAdapters, check_forward
 from swarm.client.routing import Route, RouteSpan
 from swarm.client.swarm_client import SwarmClient
 from swarm.client.transport import InferenceStream
-from swarm.client.verification import CheckSchedule, Outcome, check_span
+from swarm.client.verification import CheckSchedule
 from swarm.errors import (
     RETRYABLE_ERRORS,
     ConfigError,
     MissingBlocksError,
-    PeerFaulty,
     PeerTimeout,
     RequestRejected,
     SwarmError,
@@ -220,16 +218,7 @@ class InferenceSession:
         """Spot-check this step: an independent route recomputes the span over its whole input so far.
         Raises `PeerFaulty` when the peer is outvoted, so the step is recomputed on a replacement."""
         inputs = torch.cat([*connection.inputs, hidden_states], dim=1)
-        seq = hidden_states.shape[1]
-
-        async def recompute(exclude: Collection[str]) -> tuple[torch.Tensor, list[str]]:
-            start, end = connection.span.start, connection.span.end
-            spans, states = await forward_through(self.swarm, inputs, start, end, self.adapters, exclude, check=False)
-            return states[-1][:, -seq:], [span.peer_id for span in spans]
-
-        verdict = await check_span(self.swarm, connection.span, outputs, recompute)
-        if verdict.outcome is Outcome.PEER_FAULTY:
-            raise PeerFaulty(connection.span.peer_id, f"wrong outputs: {verdict.detail}")
+        await check_forward(self.swarm, connection.span, inputs, outputs, self.adapters)
 
     def _step_timeout(self, connection: _SpanConnection, seq: int) -> float:
         config = self.swarm.config
