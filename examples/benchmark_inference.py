@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
+from swarm.bench import time_generate
 from swarm.testing import LocalSwarm
 
 REFERENCE_RATIO = 0.55  # decode tokens/s through 2 servers / local, measured for an established system of this kind
@@ -37,21 +35,6 @@ def make_model(path: Path) -> None:
         num_attention_heads=8, num_key_value_heads=8, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
-
-
-def time_generate(generate: Callable[[int], torch.Tensor], new_tokens: int, repeats: int) -> dict[str, float]:
-    """Median seconds for 1 token and for `new_tokens` tokens; returns TTFT and decode tokens/s."""
-    generate(new_tokens)  # warm-up: first-call allocations, route discovery, peer pings
-    first, full = [], []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        generate(1)
-        first.append(time.perf_counter() - began)
-        began = time.perf_counter()
-        generate(new_tokens)
-        full.append(time.perf_counter() - began)
-    ttft, total = statistics.median(first), statistics.median(full)
-    return {"ttft_s": ttft, "total_s": total, "decode_tokens_per_s": (new_tokens - 1) / max(total - ttft, 1e-9)}
 
 
 def main() -> None:
@@ -76,26 +59,26 @@ def main() -> None:
         local = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         parameters = sum(p.numel() for p in local.parameters())
         with torch.inference_mode():
-            local_result = time_generate(
+            local_timing = time_generate(
                 lambda n: local.generate(prompt, max_new_tokens=n, min_new_tokens=n, **options), args.new_tokens,
                 args.repeats,
             )  # fmt: skip
-            expected = local.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **options)
 
         with LocalSwarm(model_dir, [(0, 4), (4, 8)], num_threads=args.peer_threads) as local_swarm:
             initial_peers = local_swarm.initial_peers
             distributed = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=initial_peers)
             try:
-                swarm_result = time_generate(
+                swarm_timing = time_generate(
                     lambda n: distributed.generate(prompt, max_new_tokens=n, min_new_tokens=n, **options),
                     args.new_tokens, args.repeats,
                 )  # fmt: skip
-                tokens = distributed.generate(
-                    prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **options
-                )
             finally:
                 distributed.close()
 
+    local_result, swarm_result = (
+        {"ttft_s": t.ttft_s, "total_s": t.total_s, "decode_tokens_per_s": t.decode_tokens_per_s}
+        for t in (local_timing, swarm_timing)
+    )
     results = {
         "model": f"llama hidden 512, 8 layers, {parameters / 1e6:.0f}M parameters, float32",
         "threads": {"local_and_client": args.threads, "per_peer": args.peer_threads},
@@ -106,7 +89,7 @@ def main() -> None:
         "swarm_2_peers": swarm_result,
         "decode_ratio": swarm_result["decode_tokens_per_s"] / local_result["decode_tokens_per_s"],
         "ttft_ratio": swarm_result["ttft_s"] / local_result["ttft_s"],
-        "tokens_equal_local": bool(torch.equal(tokens, expected)),
+        "tokens_equal_local": bool(torch.equal(swarm_timing.output, local_timing.output)),
     }
     print(f"model: {results['model']}")
     print(f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, median of {args.repeats} runs")

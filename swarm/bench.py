@@ -145,9 +145,12 @@ def _measure(
     def greedy(generator: Callable[..., torch.Tensor]) -> Callable[[int], torch.Tensor]:
         return lambda count: generator(prompt, max_new_tokens=count, do_sample=False, eos_token_id=None)
 
-    local_ttft, local_rate, expected = _time_generate(greedy(local.generate), options.new_tokens, options.repeats)
-    swarm_ttft, swarm_rate, tokens = _time_generate(greedy(model.generate), options.new_tokens, options.repeats)
-    equal = torch.equal(tokens, expected)
+    local_timing = time_generate(greedy(local.generate), options.new_tokens, options.repeats)
+    swarm_timing = time_generate(greedy(model.generate), options.new_tokens, options.repeats)
+    local_ttft, local_rate = local_timing.ttft_s, local_timing.decode_tokens_per_s
+    swarm_ttft, swarm_rate = swarm_timing.ttft_s, swarm_timing.decode_tokens_per_s
+    expected = local_timing.output
+    equal = torch.equal(swarm_timing.output, expected)
 
     concurrent = statistics.median(
         _concurrent_tokens_per_second(model, prompt, options.new_tokens, options.clients)
@@ -201,10 +204,21 @@ def _described(options: BenchOptions) -> str:
     return f"a loopback swarm of {options.peers} peers{latency}"
 
 
-def _time_generate(
-    generate: Callable[[int], torch.Tensor], new_tokens: int, repeats: int
-) -> tuple[float, float, torch.Tensor]:
-    """Median time to first token, median decode tokens/s ((N - 1) / (time for N - time for 1)), last output."""
+@dataclass(frozen=True, slots=True)
+class GenerationTiming:
+    new_tokens: int  # N
+    ttft_s: float  # median time for one new token: the prompt's pass and one token
+    total_s: float  # median time for N new tokens
+    output: torch.Tensor  # the tokens of the last N-token run
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """(N - 1) / (time for N tokens - time for 1): the rate after the first token."""
+        return (self.new_tokens - 1) / max(self.total_s - self.ttft_s, 1e-9)
+
+
+def time_generate(generate: Callable[[int], torch.Tensor], new_tokens: int, repeats: int) -> GenerationTiming:
+    """Medians over `repeats` of `generate(1)` and `generate(new_tokens)`, after one warm-up run."""
     generate(new_tokens)  # warm-up: allocations, routes, latency probes
     first, full, output = [], [], None
     for _ in range(repeats):
@@ -214,9 +228,8 @@ def _time_generate(
         began = time.perf_counter()
         output = generate(new_tokens)
         full.append(time.perf_counter() - began)
-    ttft = statistics.median(first)
     assert output is not None
-    return ttft, (new_tokens - 1) / max(statistics.median(full) - ttft, 1e-9), output
+    return GenerationTiming(new_tokens, statistics.median(first), statistics.median(full), output)
 
 
 def _concurrent_tokens_per_second(
