@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from swarm.demo_model import ensure_demo_model
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -18,3 +21,9 @@ def _main_thread_event_loop() -> Iterator[None]:
     yield
     asyncio.set_event_loop(None)
     loop.close()
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the shipped demo model, read by the tests that need a trained model with a tokenizer."""
+    return ensure_demo_model(tmp_path_factory.mktemp("demo") / "demo-model")

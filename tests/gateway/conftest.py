@@ -14,7 +14,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from swarm.demo_model import ensure_demo_model
 from swarm.process import SwarmProcess
 from swarm.testing import LocalSwarm
 
@@ -99,11 +98,6 @@ class LocalModel:
             if stop in text:
                 return Expected(full.new_ids[:count], text[: text.index(stop)], "stop")
         return full
-
-
-@pytest.fixture(scope="package")
-def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_demo_model(tmp_path_factory.mktemp("gateway") / "demo-model")
 
 
 @pytest.fixture(scope="package")

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarm.cli import build_parser, print_status, status_document
 from swarm.demo import even_spans
-from swarm.demo_model import DEMO_MODEL_ENV, ensure_demo_model
+from swarm.demo_model import DEMO_MODEL_ENV
 from swarm.directory import RemoteSpan, SwarmView
 from swarm.process import ProcessInfo, SwarmProcess, descendants
 from swarm.protocol import ServerInfo, ServerState
@@ -78,11 +78,6 @@ def still_running(processes: list[ProcessInfo], timeout: float = GONE_TIMEOUT) -
     while (running := [info for info in processes if info.is_running()]) and time.monotonic() < deadline:
         time.sleep(0.05)
     return running
-
-
-@pytest.fixture(scope="module")
-def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_demo_model(tmp_path_factory.mktemp("demo") / "demo-model")
 
 
 @pytest.fixture(scope="module")

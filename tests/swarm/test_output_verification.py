@@ -5,7 +5,6 @@ session's tokens still equal local generation."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM
 
 from swarm.client._sync import run_sync
-from swarm.demo_model import ensure_demo_model
 from swarm.protocol import ServerState
 
 pytestmark = pytest.mark.slow
@@ -23,11 +21,6 @@ MAX_STEPS_TO_DETECT = round(2 / VERIFY_RATE) - 1  # the longest gap between two 
 NOISE_STD = 0.03  # 3x the check's tolerance on the demo model's outputs (|h| ~ 36), too small to change a token
 NUM_BLOCKS = 6
 GREEDY = dict(do_sample=False, eos_token_id=None)
-
-
-@pytest.fixture(scope="module")
-def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_demo_model(tmp_path_factory.mktemp("demo") / "demo-model")
 
 
 def _verifications(outcome: str) -> float:
