@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchmark_inference import make_model  # run as a script: examples/ is on sys.path
+from make_random_model import save_random_llama  # run as a script: examples/ is on sys.path
 from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM, ClientConfig
@@ -62,7 +62,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch) / "bench-llama-58m"
-        make_model(model_dir)
+        save_random_llama(model_dir, "58m")
         local = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         prompt = torch.randint(3, 32000, (1, 16), generator=torch.Generator().manual_seed(0))
         options = dict(

@@ -19,22 +19,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from make_random_model import save_random_llama  # this folder: the script's own
+from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.bench import time_generate
 from swarm.testing import LocalSwarm
 
 REFERENCE_RATIO = 0.55  # decode tokens/s through 2 servers / local, measured for an established system of this kind
-
-
-def make_model(path: Path) -> None:
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "llama", vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=8, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
 
 
 def main() -> None:
@@ -52,7 +44,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch) / "bench-llama-58m"
-        make_model(model_dir)
+        save_random_llama(model_dir, "58m")
         prompt = torch.randint(3, 32000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
         options = dict(do_sample=False, eos_token_id=None)
 

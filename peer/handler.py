@@ -81,7 +81,9 @@ class HandlerLimits:
         )
 
 
-_SpanComputation = Callable[[dict[str, Any], list[torch.Tensor]], Awaitable[list[torch.Tensor]]]
+# (the call's span and compression, its whole metadata, its tensors) -> reply tensors, hidden states (or their
+# gradients) first
+_SpanComputation = Callable[[SpanRequest, dict[str, Any], list[torch.Tensor]], Awaitable[list[torch.Tensor]]]
 
 
 class _Refusal(Exception):
@@ -327,7 +329,7 @@ class BlockHandler:
                     if self.added_latency:
                         await asyncio.sleep(self.added_latency)
                     outputs = await self._inference_step(span, cache, session_open, step, hidden_states, adapters)
-                    yield messages.response([outputs])
+                    yield messages.response([outputs], compression=session_open.compression)
                     request = await self._next_request(requests)
                 logger.debug("Session from %s closed", peer)
         except _Refusal as e:
@@ -361,7 +363,9 @@ class BlockHandler:
             with self.calls.hold(context.remote_id):
                 self._check_size(request.ByteSize(), "the request")
                 metadata, tensors = messages.unpack_metadata(request.metadata), messages.tensors_of(request)
-                return messages.response(await compute(metadata, tensors))
+                span_request = SpanRequest.from_wire(metadata)
+                outputs = await compute(span_request, metadata, tensors)
+                return messages.response(outputs, compression=span_request.compression)
         except Exception as e:
             return messages.error_response(self._classify(e, short_id(context.remote_id)))
 
@@ -373,12 +377,15 @@ class BlockHandler:
             with self.calls.hold(context.remote_id):
                 chunks = await self._read_chunks(requests)
                 metadata, tensors = await messages.read_chunked_messages(as_aiter(*chunks))
-                outputs = await compute(metadata, tensors)
+                span_request = SpanRequest.from_wire(metadata)
+                outputs = await compute(span_request, metadata, tensors)
         except Exception as e:
             yield messages.error_response(self._classify(e, short_id(context.remote_id)))
             await self._drop_rest(requests)
             return
-        for message in messages.to_chunked_messages(runtime_pb2.ExpertResponse, outputs):
+        for message in messages.to_chunked_messages(
+            runtime_pb2.ExpertResponse, outputs, compression=span_request.compression
+        ):
             yield message
 
     @staticmethod
@@ -427,8 +434,9 @@ class BlockHandler:
         self.metrics.record_step(phase, time.perf_counter() - began, hidden_states.shape[:2].numel())
         return outputs
 
-    async def _forward(self, metadata: dict[str, Any], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        span_request = SpanRequest.from_wire(metadata)
+    async def _forward(
+        self, span_request: SpanRequest, metadata: dict[str, Any], tensors: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         span = self._span(span_request.start, span_request.end)
         if not tensors:
             raise _Refusal(ErrorKind.BAD_REQUEST, "expected the hidden states, got no tensor")
@@ -439,8 +447,9 @@ class BlockHandler:
         self.metrics.record_tokens("forward", hidden_states.shape[:2].numel())
         return [outputs]
 
-    async def _backward(self, metadata: dict[str, Any], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        span_request = SpanRequest.from_wire(metadata)
+    async def _backward(
+        self, span_request: SpanRequest, metadata: dict[str, Any], tensors: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         span = self._span(span_request.start, span_request.end)
         if len(tensors) < 2:
             raise _Refusal(

@@ -12,9 +12,13 @@ evenly), so the figures measure this implementation's overhead, not a network. I
   * aggregate decode tokens/s of `--clients` concurrent sessions, and its ratio to one session;
   * speculative decoding with `--draft MODEL` (greedy; the local model itself when not given): tokens/s and the
     draft's acceptance rate;
-  * the prefill of a `--long-prompt` prompt pipelined in chunks of `--prefill-chunk` tokens, against sent whole.
+  * the prefill of a `--long-prompt` prompt pipelined in chunks of `--prefill-chunk` tokens, against sent whole;
+  * for each wire compression (none, fp16, 8bit): decode tokens/s, the error of the prompt's logits against the
+    local model's, and whether the greedy tokens stay equal.
 
-Swarm and local tokens are compared in every run; a difference is reported as a failure (exit code 1).
+`--device cuda --dtype bfloat16` runs the local model, the client's own parts and the loopback peers there.
+Plain greedy tokens through the swarm must equal the local model's (else exit code 1); speculative and lossy-wire
+tokens are compared and reported.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from swarm.client.session import InferenceSession
 from swarm.client.speculative import speculative_generate
 from swarm.config import ClientConfig
 from swarm.demo import even_spans
-from swarm.models import ModelSource
+from swarm.models import ModelSource, resolve_dtype
+from swarm.protocol import WIRE_COMPRESSIONS
 from swarm.testing import LocalSwarm
 
 START_TIMEOUT_SECONDS = 180.0
@@ -58,6 +63,19 @@ class BenchOptions:
     long_prompt: int  # tokens of the prompt whose prefill is timed pipelined and whole
     prefill_chunk: int
     added_latency_ms: float = 0.0  # loopback swarm only: each peer's inference steps wait this long (a network)
+    device: str = "cpu"  # of the local model, the client's parts and the loopback peers
+    dtype: str = "auto"  # likewise; auto: bfloat16 on GPUs, float32 on CPUs
+
+
+@dataclass(frozen=True, slots=True)
+class WireResult:
+    """Decoding with hidden states under one wire compression (WIRE_COMPRESSIONS)."""
+
+    compression: str
+    decode_tokens_per_s: float
+    max_logit_error: float  # max |swarm - local| over the prompt's logits
+    relative_logit_error: float  # ||swarm - local|| / ||local|| over the same
+    tokens_equal_local: bool  # the greedy continuation
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +95,16 @@ class BenchResult:
     speculative_tokens_per_s: float
     speculative_ratio: float  # / plain decoding through the swarm
     draft_acceptance: float
+    # checking several tokens in one pass rounds differently from one at a time: in 16-bit dtypes a near-tie can
+    # go the other way, so this is reported, not required
+    speculative_tokens_equal_local: bool
     long_prompt: int
     whole_prefill_s: float  # the long prompt sent whole to one span after another
     pipelined_prefill_s: float  # the same prompt in chunks flowing down the route
     pipelined_ratio: float  # pipelined / whole
+    wire: list[WireResult]
+    device: str
+    dtype: str
     tokens_equal_local: bool
 
     def table(self) -> str:
@@ -92,23 +116,32 @@ class BenchResult:
             (f"{self.clients} concurrent sessions, tokens/s", "", f"{self.concurrent_tokens_per_s:.1f}",
              f"{self.concurrency_ratio:.2f}x one session"),
             ("speculative decoding, tokens/s", "", f"{self.speculative_tokens_per_s:.1f}",
-             f"{self.speculative_ratio:.2f}x plain (acceptance {self.draft_acceptance:.0%})"),
+             f"{self.speculative_ratio:.2f}x plain (acceptance {self.draft_acceptance:.0%}, tokens "
+             f"{'equal' if self.speculative_tokens_equal_local else 'DIFFER'})"),
             (f"prefill of {self.long_prompt} tokens, pipelined", "", f"{self.pipelined_prefill_s * 1000:.0f} ms",
              f"{self.pipelined_ratio:.2f}x whole ({self.whole_prefill_s * 1000:.0f} ms)"),
+            *((f"wire {w.compression}: decode tokens/s", "", f"{w.decode_tokens_per_s:.1f}",
+               f"logits max error {w.max_logit_error:.2g}, relative {w.relative_logit_error:.2g}, "
+               f"tokens {'equal' if w.tokens_equal_local else 'DIFFER'}") for w in self.wire),
         ]  # fmt: skip
         header = ("", "local", "swarm", "ratio")
         widths = [max(len(row[i]) for row in (header, *rows)) for i in range(4)]
         lines = [
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in (header, *rows)
         ]
-        return "\n".join([f"{self.model} through {self.peers}, {self.new_tokens} new tokens, medians", *lines])
+        title = f"{self.model} on {self.device} in {self.dtype} through {self.peers}, {self.new_tokens} new tokens"
+        return "\n".join([f"{title}, medians", *lines])
 
 
 def run_bench(options: BenchOptions) -> BenchResult:
     torch.set_num_threads(options.num_threads)
-    local = AutoModelForCausalLM.from_pretrained(options.model).eval()
-    draft = local if options.draft is None else AutoModelForCausalLM.from_pretrained(options.draft).eval()
+    dtype = resolve_dtype(options.dtype, options.device)
+    local = AutoModelForCausalLM.from_pretrained(options.model, dtype=dtype).to(options.device).eval()
+    draft = local
+    if options.draft is not None:
+        draft = AutoModelForCausalLM.from_pretrained(options.draft, dtype=dtype).to(options.device).eval()
     prompt = torch.randint(3, local.config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(options.device)
     swarm = None
     try:
         initial_peers = options.initial_peers
@@ -119,11 +152,16 @@ def run_bench(options: BenchOptions) -> BenchResult:
                 even_spans(num_blocks, options.peers),
                 num_threads=options.num_threads,
                 start_timeout=START_TIMEOUT_SECONDS,
-                peer_args=["--debug-added-latency-ms", str(options.added_latency_ms)],
+                peer_args=[
+                    *("--debug-added-latency-ms", str(options.added_latency_ms)),
+                    *("--device", options.device, "--dtype", str(dtype).removeprefix("torch.")),
+                ],
             ).start()
             initial_peers = tuple(swarm.initial_peers)
         config = ClientConfig(initial_peers=initial_peers, connect_timeout=START_TIMEOUT_SECONDS, verify_rate=0.0)
-        model = AutoDistributedModelForCausalLM.from_pretrained(options.model, config=config)
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            options.model, config=config, dtype=dtype, device=options.device
+        )
         try:
             run_sync(model.swarm.wait_blocks_covered(START_TIMEOUT_SECONDS))
             return _measure(options, local, draft, model, prompt, swarm)
@@ -159,22 +197,29 @@ def _measure(
     single = statistics.median(
         _concurrent_tokens_per_second(model, prompt, options.new_tokens, 1) for _ in range(options.repeats)
     )
-    speculative_seconds, acceptance = [], 0.0
+    speculative_seconds, acceptance, speculative_equal = [], 0.0, True
     for _ in range(options.repeats):
         began = time.perf_counter()
         speculated, stats = speculative_generate(
             model, draft, prompt, options.new_tokens, num_draft_tokens=options.draft_tokens
         )
         speculative_seconds.append(time.perf_counter() - began)
-        equal &= torch.equal(speculated, expected)
+        speculative_equal &= torch.equal(speculated, expected)
         acceptance = stats.acceptance
     speculative_rate = options.new_tokens / statistics.median(speculative_seconds)
     long_prompt = torch.randint(
         3, local.config.vocab_size, (1, options.long_prompt), generator=torch.Generator().manual_seed(1)
-    )
+    ).to(options.device)
     whole = _prefill_seconds(model, long_prompt, 0, options.repeats)
     pipelined = _prefill_seconds(model, long_prompt, options.prefill_chunk, options.repeats)
     plain_rate = options.new_tokens / (swarm_ttft + (options.new_tokens - 1) / swarm_rate)
+    with torch.no_grad():
+        local_logits = local(prompt).logits
+    wire = [
+        _wire_result(model, prompt, local_logits, expected, options.repeats, compression)
+        for compression in WIRE_COMPRESSIONS
+    ]
+    equal &= wire[0].tokens_equal_local  # "none" is exact
     return BenchResult(
         model=str(options.model),
         peers=_described(options) if swarm is not None else " ".join(options.initial_peers),
@@ -191,10 +236,14 @@ def _measure(
         speculative_tokens_per_s=speculative_rate,
         speculative_ratio=speculative_rate / plain_rate,
         draft_acceptance=acceptance,
+        speculative_tokens_equal_local=speculative_equal,
         long_prompt=options.long_prompt,
         whole_prefill_s=whole,
         pipelined_prefill_s=pipelined,
         pipelined_ratio=pipelined / whole,
+        wire=wire,
+        device=options.device,
+        dtype=str(local.dtype).removeprefix("torch."),
         tokens_equal_local=equal,
     )
 
@@ -244,7 +293,7 @@ def _concurrent_tokens_per_second(
                 hidden = model.client_modules.embed(prompt)
                 for _ in range(new_tokens):
                     outputs = await session.step(hidden)
-                    token = model.client_modules.logits(outputs[:, -1:]).argmax(-1)
+                    token = model.client_modules.logits(outputs[:, -1:].to(hidden)).argmax(-1)
                     hidden = model.client_modules.embed(token, session.position)
         finally:
             await session.close()
@@ -275,6 +324,46 @@ def _prefill_seconds(model: DistributedModelForCausalLM, prompt: torch.Tensor, c
 
     run_sync(once())  # warm-up
     return statistics.median(run_sync(once()) for _ in range(repeats))
+
+
+def _wire_result(
+    model: DistributedModelForCausalLM,
+    prompt: torch.Tensor,
+    local_logits: torch.Tensor,
+    expected: torch.Tensor,
+    repeats: int,
+    compression: str,
+) -> WireResult:
+    """Greedy decoding through sessions whose hidden states travel under `compression`: the median decode rate,
+    the prompt's logits against `local_logits`, and the tokens against `expected` (local greedy output)."""
+    new_tokens = expected.shape[1] - prompt.shape[1]
+
+    async def once() -> tuple[float, torch.Tensor, torch.Tensor]:
+        session = InferenceSession(model.swarm, expected.shape[1], wire_compression=compression)
+        try:
+            with torch.no_grad():
+                hidden = model.client_modules.embed(prompt)
+                logits = model.client_modules.logits((await session.step(hidden)).to(hidden))
+                tokens = [logits[:, -1:].argmax(-1)]
+                began = time.perf_counter()
+                for _ in range(new_tokens - 1):
+                    hidden = model.client_modules.embed(tokens[-1], session.position)
+                    tokens.append(model.client_modules.logits((await session.step(hidden)).to(hidden)).argmax(-1))
+                rate = (new_tokens - 1) / max(time.perf_counter() - began, 1e-9)
+                return rate, logits, torch.cat([prompt, *tokens], dim=1)
+        finally:
+            await session.close()
+
+    runs = [run_sync(once()) for _ in range(repeats + 1)][1:]  # the first one warms up
+    _, logits, output = runs[-1]
+    error = (logits.float() - local_logits.float()).flatten()
+    return WireResult(
+        compression=compression,
+        decode_tokens_per_s=statistics.median(rate for rate, _, _ in runs),
+        max_logit_error=error.abs().max().item(),
+        relative_logit_error=(error.norm() / local_logits.float().norm()).item(),
+        tokens_equal_local=torch.equal(output, expected),
+    )
 
 
 def print_result(result: BenchResult, json_path: Path | None) -> int:

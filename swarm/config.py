@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from swarm.errors import ConfigError
+from swarm.protocol import WIRE_COMPRESSIONS
 
 # Spot checks (swarm/client/verification.py): 1 step in 100 on average, at least 1 in 199, is recomputed elsewhere
 DEFAULT_VERIFY_RATE = 0.01
@@ -30,6 +31,7 @@ class ClientConfig:
     swarm_key: str | None = None  # key file of a private swarm (swarm/swarm_key.py); None: an open swarm
     trusted_peers: tuple[str, ...] = ()  # peer ids that alone may run the first and last blocks (privacy)
     prefill_chunk_tokens: int = 128  # a longer prompt flows down the route in chunks, every peer busy at once; 0: off
+    wire_compression: str = "none"  # hidden states to and from peers: "none" (exact), "fp16" or "8bit" (lossy)
 
     def __post_init__(self) -> None:
         if not self.initial_peers:
@@ -48,6 +50,10 @@ class ClientConfig:
             raise ConfigError(f"verify_rate must be within [0, 1], got {self.verify_rate}")
         if self.prefill_chunk_tokens < 0:
             raise ConfigError("prefill_chunk_tokens must be >= 0 (0 sends a prompt whole to one span after another)")
+        if self.wire_compression not in WIRE_COMPRESSIONS:
+            raise ConfigError(
+                f"wire_compression must be one of {', '.join(WIRE_COMPRESSIONS)}, got {self.wire_compression!r}"
+            )
         if self.max_sub_batch_size <= 0:
             raise ConfigError("max_sub_batch_size must be positive")
         if self.max_retries < 0 or self.hung_step_factor <= 1:

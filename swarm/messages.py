@@ -2,6 +2,10 @@
 
 Small payloads travel as one message; payloads above hivemind's unary cap travel as a stream of chunks
 (`to_chunked_messages` / `read_chunked_messages`), with the metadata in the first chunk.
+
+The first `activations` tensors of a message are hidden states or their gradients and travel under the wire
+compression the client chose (`compression`, one of WIRE_COMPRESSIONS); the rest (LoRA tensors, deep prompts and
+their gradients) always travel exact.
 """
 
 from __future__ import annotations
@@ -11,11 +15,10 @@ from typing import Any, TypeVar
 
 import msgpack
 import torch
-from hivemind.compression import deserialize_tensor_stream
 from hivemind.proto import runtime_pb2
-from hivemind.utils.streaming import split_for_streaming
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
-from swarm.compression import deserialize_tensor, serialize_tensor
+from swarm.compression import CompressionType, activation_compression, deserialize_tensor, serialize_tensor
 from swarm.errors import ProtocolError
 from swarm.protocol import STREAM_CHUNK_BYTES, ErrorReply
 
@@ -38,15 +41,35 @@ def unpack_metadata(raw: bytes) -> dict[str, Any]:
     return metadata
 
 
-def request(tensors: Sequence[torch.Tensor], metadata: dict[str, Any] | None = None) -> runtime_pb2.ExpertRequest:
+def serialized(
+    tensors: Sequence[torch.Tensor], compression: str = "none", activations: int = 1
+) -> list[runtime_pb2.Tensor]:
+    """`tensors` as protobufs: the first `activations` under the wire `compression`, the others exact."""
+    return [
+        serialize_tensor(t, activation_compression(compression, t) if i < activations else CompressionType.NONE)
+        for i, t in enumerate(tensors)
+    ]
+
+
+def request(
+    tensors: Sequence[torch.Tensor],
+    metadata: dict[str, Any] | None = None,
+    compression: str = "none",
+    activations: int = 1,
+) -> runtime_pb2.ExpertRequest:
     return runtime_pb2.ExpertRequest(
-        tensors=[serialize_tensor(t) for t in tensors], metadata=pack_metadata(metadata) if metadata else b""
+        tensors=serialized(tensors, compression, activations), metadata=pack_metadata(metadata) if metadata else b""
     )
 
 
-def response(tensors: Sequence[torch.Tensor], metadata: dict[str, Any] | None = None) -> runtime_pb2.ExpertResponse:
+def response(
+    tensors: Sequence[torch.Tensor],
+    metadata: dict[str, Any] | None = None,
+    compression: str = "none",
+    activations: int = 1,
+) -> runtime_pb2.ExpertResponse:
     return runtime_pb2.ExpertResponse(
-        tensors=[serialize_tensor(t) for t in tensors], metadata=pack_metadata(metadata) if metadata else b""
+        tensors=serialized(tensors, compression, activations), metadata=pack_metadata(metadata) if metadata else b""
     )
 
 
@@ -71,13 +94,17 @@ def payload_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def to_chunked_messages(
-    message_type: type[Message], tensors: Sequence[torch.Tensor], metadata: dict[str, Any] | None = None
+    message_type: type[Message],
+    tensors: Sequence[torch.Tensor],
+    metadata: dict[str, Any] | None = None,
+    compression: str = "none",
+    activations: int = 1,
 ) -> list[Message]:
     """Split serialized tensors into chunks of at most STREAM_CHUNK_BYTES; metadata goes in the first message."""
     messages = [
         message_type(tensors=[part])
-        for tensor in tensors
-        for part in split_for_streaming(serialize_tensor(tensor), STREAM_CHUNK_BYTES)
+        for proto in serialized(tensors, compression, activations)
+        for part in split_for_streaming(proto, STREAM_CHUNK_BYTES)
     ]
     if not messages:
         messages = [message_type()]
@@ -90,16 +117,17 @@ async def read_chunked_messages(
     messages: AsyncIterator[runtime_pb2.ExpertRequest] | AsyncIterator[runtime_pb2.ExpertResponse],
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Metadata of the first message and the tensors reassembled from all chunks."""
-    raw_metadata: list[bytes] = []
-
-    async def parts() -> AsyncIterator[Iterable[runtime_pb2.Tensor]]:
-        async for message in messages:
-            if not raw_metadata:
-                raw_metadata.append(message.metadata)
-            yield message.tensors
-
+    raw_metadata: bytes | None = None
+    tensors: list[list[runtime_pb2.Tensor]] = []  # the chunks of each tensor; a chunk with a dtype starts one
+    async for message in messages:
+        if raw_metadata is None:
+            raw_metadata = message.metadata
+        for part in message.tensors:
+            if part.dtype or not tensors:
+                tensors.append([])
+            tensors[-1].append(part)
+    metadata = unpack_metadata(raw_metadata or b"")
     try:
-        tensors = await deserialize_tensor_stream(parts())
+        return metadata, [deserialize_tensor(combine_from_streaming(parts)) for parts in tensors]
     except (ValueError, TypeError, RuntimeError, KeyError) as e:
         raise ProtocolError(f"malformed tensor stream: {e}") from e
-    return unpack_metadata(raw_metadata[0] if raw_metadata else b""), tensors

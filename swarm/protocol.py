@@ -18,6 +18,8 @@ RPCs (hivemind P2P protobuf handlers; requests are `ExpertRequest`, replies `Exp
                                       the span travels as `*lora` (layout in swarm/models/lora.py); with
                                       `{"deep_prompts": true}`, one more tensor [span blocks, pre_seq_len, hidden]
                                       follows (swarm/models/deep_prompts.py) and its gradient ends the reply
+`InferenceOpen.compression` and `SpanRequest.compression` say how hidden states and their gradients travel:
+the client encodes its tensors so and the peer answers in kind; LoRA tensors and their gradients are always exact.
 A reply that carries `{"error": ErrorReply}` in its metadata is a refusal; the stream ends after it.
 
 `from_wire` ignores unknown keys (newer peers may add fields) and raises `ProtocolError` on missing or ill-typed
@@ -42,6 +44,10 @@ RPC_FORWARD = "blockswarm.forward"
 RPC_FORWARD_STREAM = "blockswarm.forward_stream"
 RPC_BACKWARD = "blockswarm.backward"
 RPC_BACKWARD_STREAM = "blockswarm.backward_stream"
+
+# How activations (hidden states and their gradients) may travel, chosen by the client per session or call; the
+# peer answers in kind (swarm/compression.py): "none" is exact, "fp16" halves float32, "8bit" quarters it
+WIRE_COMPRESSIONS = ("none", "fp16", "8bit")
 
 MAX_UNARY_PAYLOAD_BYTES = 4 * 1024 * 1024 - 64 * 1024  # hivemind's unary cap is 4 MiB; keep room for metadata
 STREAM_CHUNK_BYTES = 2 * 1024 * 1024
@@ -104,6 +110,11 @@ def _check_types(obj: object, **types: type | tuple[type, ...]) -> None:
 def _check_span(start: int, end: int) -> None:
     if not 0 <= start < end:
         raise ValueError(f"span {start}:{end} must satisfy 0 <= start < end")
+
+
+def _check_compression(compression: object) -> None:
+    if compression not in WIRE_COMPRESSIONS:
+        raise ValueError(f"compression must be one of {', '.join(WIRE_COMPRESSIONS)}, got {compression!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,10 +206,12 @@ class InferenceOpen:
     end: int
     max_length: int  # tokens per sequence the session may reach
     batch_size: int
+    compression: str = "none"  # how the session's hidden states travel both ways (WIRE_COMPRESSIONS)
 
     def __post_init__(self) -> None:
         _check_types(self, start=int, end=int, max_length=int, batch_size=int)
         _check_span(self.start, self.end)
+        _check_compression(self.compression)
         if self.max_length <= 0 or self.batch_size <= 0:
             raise ValueError("max_length and batch_size must be positive")
 
@@ -239,10 +252,12 @@ class SpanRequest:
 
     start: int
     end: int
+    compression: str = "none"  # how hidden states and their gradients travel both ways (WIRE_COMPRESSIONS)
 
     def __post_init__(self) -> None:
         _check_types(self, start=int, end=int)
         _check_span(self.start, self.end)
+        _check_compression(self.compression)
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)

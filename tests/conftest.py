@@ -11,6 +11,13 @@ import pytest
 from swarm.demo_model import ensure_demo_model
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device", default="cpu", help="where tests/swarm/test_device_swarm.py runs everything: cpu (default), cuda"
+    )
+    parser.addoption("--dtype", default="auto", help="its dtype: auto (bfloat16 on cuda, float32 on cpu), float16, ...")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _main_thread_event_loop() -> Iterator[None]:
     """hivemind's MPFuture calls `asyncio.get_event_loop()`, which on the main thread creates a loop when a DHT is

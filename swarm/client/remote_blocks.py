@@ -27,6 +27,7 @@ from swarm.client.routing import RouteSpan
 from swarm.client.swarm_client import SwarmClient
 from swarm.client.transport import SpanAdapters, call_backward, call_forward
 from swarm.client.verification import Outcome, Verdict, check_span
+from swarm.compression import in_compute_dtype
 from swarm.errors import RETRYABLE_ERRORS, PeerFaulty, SwarmError
 from swarm.protocol import LoraHeader, SpanRequest
 
@@ -103,8 +104,9 @@ async def forward_through(
         for span in route.spans:
             try:
                 outputs = await call_forward(
-                    await swarm.p2p(), span.peer_id, SpanRequest(span.start, span.end), states[-1],
-                    swarm.config.request_timeout, _span_adapters(adapters, span),
+                    await swarm.p2p(), span.peer_id, _span_request(swarm, span),
+                    in_compute_dtype(states[-1], span.dtype), swarm.config.request_timeout,
+                    _span_adapters(adapters, span),
                 )  # fmt: skip
                 if check and swarm.spot_checks.due():
                     await check_forward(swarm, span, states[-1], outputs, adapters)
@@ -148,7 +150,8 @@ async def _backward_span(
     while True:
         try:
             grad_inputs, *grads = await call_backward(
-                await swarm.p2p(), span.peer_id, SpanRequest(span.start, span.end), inputs, grad_outputs,
+                await swarm.p2p(), span.peer_id, _span_request(swarm, span), in_compute_dtype(inputs, span.dtype),
+                in_compute_dtype(grad_outputs, span.dtype),
                 swarm.config.request_timeout, _span_adapters(adapters, span),
             )  # fmt: skip
             if check and swarm.spot_checks.due():
@@ -164,6 +167,10 @@ async def _backward_span(
             span = replacement[0]  # one peer covers it: retry the backward call there
             continue
         return await backward_through(swarm, replacement, states[:-1], grad_outputs, adapters, adapter_grads, check)
+
+
+def _span_request(swarm: SwarmClient, span: RouteSpan) -> SpanRequest:
+    return SpanRequest(span.start, span.end, swarm.config.wire_compression)
 
 
 async def check_forward(

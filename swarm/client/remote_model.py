@@ -125,6 +125,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         initial_peers: list[str] | tuple[str, ...] | None = None,
         model_prefix: str | None = None,
         dtype: str | torch.dtype | None = None,
+        device: str | torch.device = "cpu",
         revision: str | None = None,
         config: ClientConfig | None = None,
         tuning: TuningConfig | None = None,
@@ -142,6 +143,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
         `verify_rate` overrides `config.verify_rate`: the share of each peer's steps that an independent peer
         recomputes to catch wrong outputs (swarm/client/verification.py; 0 trusts every peer).
+
+        `dtype` and `device` place the parts that run here (embeddings, final norm, LM head); the peers choose
+        their own. Pass inputs on that device.
 
         `swarm_key=FILE` joins a private swarm (swarm/swarm_key.py); it overrides `config.swarm_key`.
 
@@ -165,7 +169,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if swarm_key is not None:
             config = dataclasses.replace(config, swarm_key=str(swarm_key))
         source = ModelSource.open(model_name_or_path, revision=revision)
-        client_modules = load_client_modules(source, dtype=dtype)
+        client_modules = load_client_modules(source, dtype=dtype, device=device)
         prefix = model_prefix or config.model_prefix or model_prefix_for(str(model_name_or_path))
         swarm = SwarmClient(config, prefix, source.layout.num_blocks)
         loaded = None if adapter is None else _load_adapter(adapter, source.config, client_modules)
@@ -267,7 +271,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = self.client_modules.embed_vectors(token_vectors, session.position)
         outputs = run_sync(session.step(hidden))
         conversation.sent_ids = input_ids.clone()
-        return self.client_modules.logits(outputs.to(hidden.dtype))[:, prompt_length:]
+        return self.client_modules.logits(outputs.to(device=hidden.device, dtype=hidden.dtype))[:, prompt_length:]
 
     def _adapters(self) -> ModelAdapters | None:
         """The LoRA adapter and deep prompts as inference sessions send them to the peers."""

@@ -39,6 +39,7 @@ class RouteSpan:
     peer_id: str
     start: int
     end: int
+    dtype: str = "float32"  # the peer's compute dtype, as announced: hidden states are sent in it
 
     @property
     def length(self) -> int:
@@ -146,7 +147,7 @@ def choose_route(
     position = end
     while position != start:
         from_position, span = previous[position]
-        spans.append(RouteSpan(span.peer_id, from_position, position))
+        spans.append(RouteSpan(span.peer_id, from_position, position, span.info.dtype))
         position = from_position
     return Route(tuple(reversed(spans)))
 

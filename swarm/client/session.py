@@ -30,6 +30,7 @@ from swarm.client.routing import Route, RouteSpan
 from swarm.client.swarm_client import SwarmClient
 from swarm.client.transport import InferenceStream
 from swarm.client.verification import CheckSchedule
+from swarm.compression import in_compute_dtype
 from swarm.errors import (
     RETRYABLE_ERRORS,
     ConfigError,
@@ -39,7 +40,7 @@ from swarm.errors import (
     SwarmError,
 )
 from swarm.logs import short_id
-from swarm.protocol import InferenceOpen
+from swarm.protocol import WIRE_COMPRESSIONS, InferenceOpen
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +70,20 @@ class InferenceSession:
         adapters: ModelAdapters | None = None,
         *,
         prefill_chunk_tokens: int | None = None,
+        wire_compression: str | None = None,
     ):
         if max_length <= 0:
             raise ConfigError("max_length must be positive")
+        if wire_compression is not None and wire_compression not in WIRE_COMPRESSIONS:
+            raise ConfigError(f"wire_compression must be one of {', '.join(WIRE_COMPRESSIONS)}")
         self.swarm = swarm
         self.max_length = max_length
         self.adapters = adapters  # LoRA / deep prompts every peer applies to this session's steps
         # a longer step flows down the route in chunks of this size (`_pipelined`); 0: sent whole, span by span
         chunk = swarm.config.prefill_chunk_tokens if prefill_chunk_tokens is None else prefill_chunk_tokens
         self.prefill_chunk_tokens = chunk
+        # how hidden states travel to and from the peers (WIRE_COMPRESSIONS); the client's config by default
+        self.wire_compression = swarm.config.wire_compression if wire_compression is None else wire_compression
         self.position = 0
         self.reroutes = 0  # how many failed spans were replaced so far
         self._batch_size: int | None = None
@@ -207,7 +213,9 @@ class InferenceSession:
         timeout = self._step_timeout(connection, hidden_states.shape[1])
         began = time.perf_counter()
         try:
-            outputs = await connection.stream.step(hidden_states, position, timeout)
+            outputs = await connection.stream.step(
+                in_compute_dtype(hidden_states, connection.span.dtype), position, timeout
+            )
         except PeerTimeout as e:
             raise PeerTimeout(connection.span.peer_id, f"no answer to a step within {timeout:.1f} s") from e
         if hidden_states.shape[1] == 1:
@@ -290,7 +298,7 @@ class InferenceSession:
                 stream=InferenceStream(
                     p2p,
                     span.peer_id,
-                    InferenceOpen(span.start, span.end, self.max_length, self._batch_size),
+                    InferenceOpen(span.start, span.end, self.max_length, self._batch_size, self.wire_compression),
                     None if self.adapters is None else self.adapters.for_span(span.start, span.end),
                 ),
             )

@@ -121,8 +121,9 @@ async def call_forward(
 ) -> torch.Tensor:
     metadata, adapter = _adapter_parts(span, adapters)
     (outputs,) = await _call_span(
-        p2p, peer_id, RPC_FORWARD, RPC_FORWARD_STREAM, metadata, [hidden, *adapter], timeout, expected=1
-    )
+        p2p, peer_id, RPC_FORWARD, RPC_FORWARD_STREAM, metadata, [hidden, *adapter], timeout,
+        compression=span.compression, activations=1, expected=1,
+    )  # fmt: skip
     return outputs
 
 
@@ -139,7 +140,7 @@ async def call_backward(
     metadata, adapter = _adapter_parts(span, adapters)
     return await _call_span(
         p2p, peer_id, RPC_BACKWARD, RPC_BACKWARD_STREAM, metadata, [hidden, grad_outputs, *adapter], timeout,
-        expected=1 + len(adapter),
+        compression=span.compression, activations=2, expected=1 + len(adapter),
     )  # fmt: skip
 
 
@@ -158,21 +159,24 @@ async def _call_span(
     tensors: list[torch.Tensor],
     timeout: float,
     *,
+    compression: str,
+    activations: int,
     expected: int,
 ) -> list[torch.Tensor]:
-    """Unary when the payload fits hivemind's cap, a chunked stream otherwise."""
+    """Unary when the payload fits hivemind's cap, a chunked stream otherwise. The first `activations` tensors
+    travel under the wire `compression`."""
     with map_p2p_errors(peer_id):
         peer = PeerID.from_base58(peer_id)
         if messages.payload_bytes(tensors) <= MAX_UNARY_PAYLOAD_BYTES:
+            message = messages.request(tensors, metadata, compression, activations)
             reply = await asyncio.wait_for(
-                p2p.call_protobuf_handler(
-                    peer, unary_name, messages.request(tensors, metadata), runtime_pb2.ExpertResponse
-                ),
-                timeout,
+                p2p.call_protobuf_handler(peer, unary_name, message, runtime_pb2.ExpertResponse), timeout
             )
             reply_metadata, outputs = messages.unpack_metadata(reply.metadata), messages.tensors_of(reply)
         else:
-            chunks = messages.to_chunked_messages(runtime_pb2.ExpertRequest, tensors, metadata)
+            chunks = messages.to_chunked_messages(
+                runtime_pb2.ExpertRequest, tensors, metadata, compression, activations
+            )
 
             async def exchange() -> tuple[dict, list[torch.Tensor]]:
                 replies = await p2p.iterate_protobuf_handler(
@@ -208,7 +212,7 @@ class InferenceStream:
                 metadata.update(self.adapters.metadata())
                 tensors += self.adapters.tensors()
         with map_p2p_errors(self.peer_id):
-            self._requests.put_nowait(messages.request(tensors, metadata))
+            self._requests.put_nowait(messages.request(tensors, metadata, self.session_open.compression))
             if self._replies is None:
                 self._replies = await asyncio.wait_for(
                     self.p2p.iterate_protobuf_handler(

@@ -41,10 +41,17 @@ def connect() -> Iterator[Callable[..., DistributedModelForCausalLM]]:
     models: list[DistributedModelForCausalLM] = []
 
     def open_model(
-        model: Path, local_swarm: LocalSwarm, adapter: Path | None = None, **config: object
+        model: Path,
+        local_swarm: LocalSwarm,
+        adapter: Path | None = None,
+        dtype: torch.dtype | None = None,
+        device: str = "cpu",
+        **config: object,
     ) -> DistributedModelForCausalLM:
         client_config = ClientConfig(initial_peers=tuple(local_swarm.initial_peers), **config)  # type: ignore[arg-type]
-        distributed = AutoDistributedModelForCausalLM.from_pretrained(model, config=client_config, adapter=adapter)
+        distributed = AutoDistributedModelForCausalLM.from_pretrained(
+            model, config=client_config, adapter=adapter, dtype=dtype, device=device
+        )
         models.append(distributed)
         return distributed
 

@@ -3,16 +3,13 @@ generation gives for its own prompt, while the peers' forward passes serve sever
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from swarm.client._sync import run_sync
-from swarm.client.session import InferenceSession
 from tests.model_factory import FIRST_ORDINARY_TOKEN, VOCAB_SIZE
 from tests.prometheus_tools import scrape
+from tests.swarm.session_tools import greedy_side_by_side
 
 pytestmark = pytest.mark.slow
 
@@ -34,25 +31,8 @@ def test_concurrent_sessions_get_their_own_tokens_from_batched_steps(make_swarm,
         for i in range(SESSIONS)
     ]
 
-    async def greedy(prompt: torch.Tensor) -> torch.Tensor:
-        session = InferenceSession(model.swarm, prompt.shape[1] + NEW_TOKENS)
-        tokens = prompt
-        try:
-            hidden = model.client_modules.embed(prompt)
-            for _ in range(NEW_TOKENS):
-                outputs = await session.step(hidden)
-                token = model.client_modules.logits(outputs[:, -1:]).argmax(-1)
-                tokens = torch.cat([tokens, token], dim=1)
-                hidden = model.client_modules.embed(token, session.position)
-        finally:
-            await session.close()
-        return tokens
-
-    async def all_sessions() -> list[torch.Tensor]:
-        return list(await asyncio.gather(*(greedy(prompt) for prompt in prompts)))
-
+    results = greedy_side_by_side(model, prompts, NEW_TOKENS)
     with torch.no_grad():
-        results = run_sync(all_sessions())
         for prompt, tokens in zip(prompts, results, strict=True):
             expected = local.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
             assert torch.equal(tokens, expected)

@@ -25,6 +25,7 @@ from swarm.directory import RemoteSpan, SwarmView
 from swarm.process import ProcessInfo, SwarmProcess, descendants
 from swarm.protocol import ServerInfo, ServerState
 from swarm.testing import LocalSwarm
+from tests.model_factory import save_tiny_model
 
 CLI = [sys.executable, "-m", "swarm.cli"]
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -117,6 +118,30 @@ def test_demo_generates_equal_to_local_and_leaves_no_process(tmp_path: Path) -> 
     assert "equal to local output, token for token (8 tokens)" in output
     assert sum(info.name == "p2pd" for info in started) >= 4  # bootstrap, two peers and the client
     assert still_running(started) == []
+
+
+@pytest.mark.slow
+def test_bench_reports_every_figure_with_tokens_equal_local(tmp_path: Path) -> None:
+    """`swarm bench` on a loopback swarm: every figure present and positive, exact wire tokens equal local,
+    lossy wire compressions measured against the local logits. (Its speeds are reported, never asserted.)"""
+    model_dir = tmp_path / "tiny-llama"
+    save_tiny_model("llama", model_dir, num_layers=4)
+    result_file = tmp_path / "bench.json"
+    run = run_cli(
+        "bench", str(model_dir), "--new-tokens", "6", "--repeats", "1", "--clients", "2", "--long-prompt", "24",
+        "--prefill-chunk", "8", "--json", str(result_file), timeout=DEMO_TIMEOUT,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "decode tokens/s" in run.stdout and "wire 8bit" in run.stdout
+    result = json.loads(result_file.read_text())
+    assert result["tokens_equal_local"] and result["speculative_tokens_equal_local"]
+    assert (result["device"], result["dtype"]) == ("cpu", "float32")
+    for figure in ("swarm_decode_tokens_per_s", "swarm_ttft_s", "concurrent_tokens_per_s", "pipelined_prefill_s"):
+        assert result[figure] > 0, figure
+    wire = {entry["compression"]: entry for entry in result["wire"]}
+    assert set(wire) == {"none", "fp16", "8bit"}
+    assert wire["none"]["max_logit_error"] == 0 and wire["none"]["tokens_equal_local"]
+    assert 0 < wire["fp16"]["relative_logit_error"] < wire["8bit"]["relative_logit_error"] < 0.05
 
 
 @pytest.mark.slow

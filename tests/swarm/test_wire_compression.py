@@ -1,0 +1,93 @@
+"""How hidden states travel: in the peer's compute dtype (exact, fewer bytes) and, when the client asks, in fp16 or
+8 bits, with the logits' error bounded and the bytes on the wire cut accordingly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swarm.client._sync import run_sync
+from swarm.client.session import InferenceSession
+from swarm.client.transport import call_forward
+from swarm.protocol import SpanRequest
+from tests.model_factory import FIRST_ORDINARY_TOKEN, VOCAB_SIZE
+from tests.prometheus_tools import scrape
+
+pytestmark = pytest.mark.slow
+
+NUM_BLOCKS = 4
+PROMPT_TOKENS = 24
+DECODE_STEPS = 8
+METRICS_LINE = r"Metrics at (http://127\.0\.0\.1:\d+/metrics)"
+BYTES_IN = 'blockswarm_network_bytes_total{direction="in"}'
+# relative L2 error of the prompt's logits against the exact session's: measured 4.4e-3 (fp16) and 1.2e-2 (8bit);
+# fp16 alone errs ~1e-4, but the bfloat16 peer's rounding of its inputs turns some of that into bfloat16 steps
+RELATIVE_LOGIT_ERROR = {"fp16": 2e-2, "8bit": 5e-2}
+
+
+@pytest.fixture(scope="module")
+def mixed_swarm(make_swarm, connect, tiny_model_dir):  # type: ignore[no-untyped-def]
+    """Blocks 0:2 on a float32 peer and 2:4 on a bfloat16 peer, both exporting metrics."""
+    model_dir = tiny_model_dir("llama", NUM_BLOCKS)
+    local_swarm = make_swarm(model_dir, [(0, 2)], peer_args=["--metrics-port", "0"])
+    local_swarm.add_peer(2, NUM_BLOCKS, "--dtype", "bfloat16")
+    float32_url, bfloat16_url = (peer.wait_for_line(METRICS_LINE, 60).group(1) for peer in local_swarm.peers)
+    model = connect(model_dir, local_swarm, verify_rate=0.0)
+    return model, local_swarm, float32_url, bfloat16_url
+
+
+def _greedy_session(model, compression: str, urls: tuple[str, ...]) -> tuple[torch.Tensor, list[float]]:  # type: ignore[no-untyped-def]
+    """The prompt's logits and each peer's bytes received, for a prompt and DECODE_STEPS greedy steps."""
+    prompt = torch.randint(
+        FIRST_ORDINARY_TOKEN, VOCAB_SIZE, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(5)
+    )
+    before = [scrape(url)[BYTES_IN] for url in urls]
+
+    async def run() -> torch.Tensor:
+        session = InferenceSession(model.swarm, PROMPT_TOKENS + DECODE_STEPS, wire_compression=compression)
+        try:
+            hidden = model.client_modules.embed(prompt)
+            logits = model.client_modules.logits((await session.step(hidden)).float())
+            token = logits[:, -1:].argmax(-1)
+            for _ in range(DECODE_STEPS - 1):
+                outputs = await session.step(model.client_modules.embed(token, session.position))
+                token = model.client_modules.logits(outputs.float()).argmax(-1)
+            return logits
+        finally:
+            await session.close()
+
+    with torch.no_grad():
+        logits = run_sync(run())
+    return logits, [scrape(url)[BYTES_IN] - was for url, was in zip(urls, before, strict=True)]
+
+
+def test_lossy_wire_compression_bounds_the_error_and_cuts_the_bytes(mixed_swarm) -> None:  # type: ignore[no-untyped-def]
+    model, _, float32_url, _ = mixed_swarm
+    exact, (exact_bytes,) = _greedy_session(model, "none", (float32_url,))
+    for compression, max_share in (("fp16", 0.55), ("8bit", 0.35)):
+        logits, (sent,) = _greedy_session(model, compression, (float32_url,))
+        relative_error = ((logits - exact).norm() / exact.norm()).item()
+        assert 0 < relative_error < RELATIVE_LOGIT_ERROR[compression], compression
+        assert sent < max_share * exact_bytes, (compression, sent, exact_bytes)
+
+
+def test_hidden_states_travel_in_the_peers_compute_dtype(mixed_swarm) -> None:  # type: ignore[no-untyped-def]
+    """A float32 client sends the bfloat16 peer bfloat16 states: half the bytes of the float32 peer's."""
+    model, _, float32_url, bfloat16_url = mixed_swarm
+    _, (to_float32_peer, to_bfloat16_peer) = _greedy_session(model, "none", (float32_url, bfloat16_url))
+    assert to_bfloat16_peer < 0.6 * to_float32_peer
+
+
+def test_narrowing_before_sending_gives_the_peer_result_unchanged(mixed_swarm) -> None:  # type: ignore[no-untyped-def]
+    """What the client saves by casting costs nothing: the bfloat16 peer computes the same from either input."""
+    model, local_swarm, _, _ = mixed_swarm
+    bfloat16_peer = local_swarm.peer_id(local_swarm.peers[1])
+    hidden = torch.randn(2, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(6))
+
+    async def forward(states: torch.Tensor) -> torch.Tensor:
+        return await call_forward(await model.swarm.p2p(), bfloat16_peer, SpanRequest(2, NUM_BLOCKS), states, 30.0)
+
+    from_float32 = run_sync(forward(hidden))
+    from_bfloat16 = run_sync(forward(hidden.to(torch.bfloat16)))
+    assert from_float32.dtype == torch.bfloat16
+    assert torch.equal(from_float32, from_bfloat16)
