@@ -69,6 +69,9 @@ def build_parser() -> configargparse.ArgumentParser:
     add("--max-batch-size", "--max_batch_size", type=int, default=defaults.max_batch_size)
     add("--inference-max-length", "--inference_max_length", type=int, default=defaults.inference_max_length,
         help="most tokens one inference session may reach")  # fmt: skip
+    add("--prefill-chunk-tokens", "--prefill_chunk_tokens", type=int, default=defaults.prefill_chunk_tokens,
+        help="a longer prompt step runs in parts of this many tokens, so that other sessions' decode steps go "
+        "in between instead of waiting for the whole prompt (default: %(default)s)")  # fmt: skip
     add("--session-idle-timeout", "--session_idle_timeout", type=float, default=defaults.session_idle_timeout,
         help="seconds an inference session may wait between steps")  # fmt: skip
     add("--max-sessions-per-client", "--max_sessions_per_client", type=int,
@@ -125,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             cache_tokens=args.cache_tokens,
             max_batch_size=args.max_batch_size,
             inference_max_length=args.inference_max_length,
+            prefill_chunk_tokens=args.prefill_chunk_tokens,
             session_idle_timeout=args.session_idle_timeout,
             max_sessions_per_client=args.max_sessions_per_client,
             max_requests_per_client=args.max_requests_per_client,

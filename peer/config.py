@@ -27,6 +27,7 @@ class PeerConfig:
     cache_tokens: int = 16384  # KV-cache token positions over all sessions and batch rows
     max_batch_size: int = 8
     inference_max_length: int = 4096  # tokens one inference session may reach
+    prefill_chunk_tokens: int = 512  # a longer inference step runs in parts, other sessions' decode steps between
     session_idle_timeout: float = 600.0  # seconds a session may wait between steps
     max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT  # inference sessions one remote peer may hold
     max_requests_per_client: int = DEFAULT_MAX_REQUESTS_PER_CLIENT  # forward/backward calls in flight per remote peer
@@ -72,6 +73,7 @@ class PeerConfig:
             "cache_tokens",
             "max_batch_size",
             "inference_max_length",
+            "prefill_chunk_tokens",
             "max_sessions_per_client",
             "max_requests_per_client",
         ):

@@ -2,7 +2,8 @@
 
 Decode steps of different sessions that wait for the device at the same time run as one batch over their own
 KV caches (`BlockSlice.decode_together`): under load each forward pass serves many sessions, and a lone step
-waits for nothing.
+waits for nothing. A long prompt step runs in parts of `prefill_chunk_tokens`, and decode steps that arrive
+meanwhile run between its parts: one user's long prompt delays the others by one part, not by the whole prompt.
 
 All torch work happens in one executor thread: the event loop keeps serving streams and the DHT while a
 step computes, and steps of different sessions never race on the device. A caller's LoRA adapter and deep
@@ -58,8 +59,10 @@ class BlockRuntime:
         block_slice: BlockSlice,
         output_noise: float = 0.0,
         on_decode_batch: Callable[[int], None] = lambda sessions: None,
+        prefill_chunk_tokens: int = 512,
     ):
         self.block_slice = block_slice
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-runtime")
         self._sub_slices: dict[tuple[int, int], BlockSlice] = {}
         # A faulty peer, for tests of the clients' spot checks only: Gaussian noise of this std on every output.
@@ -96,7 +99,11 @@ class BlockRuntime:
         run as one batch (`_decode_waiting`)."""
         if adapters is None and hidden_states.shape[1] == 1 and BlockSlice.can_decode_together(cache):
             return self._faulty(await self._decode(span, cache, hidden_states))
-        return self._faulty(await self._run(_inference_step, span, cache, hidden_states, position, adapters))
+        parts = []
+        for offset in range(0, hidden_states.shape[1], self.prefill_chunk_tokens):
+            part = hidden_states[:, offset : offset + self.prefill_chunk_tokens]
+            parts.append(await self._run(_inference_step, span, cache, part, position + offset, adapters))
+        return self._faulty(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
 
     async def forward(
         self, span: BlockSlice, hidden_states: torch.Tensor, adapters: RequestAdapters | None = None

@@ -202,7 +202,7 @@ class Peer:
             self.span = await self._choose_span()
         self._show_span()
         await self.announcer.announce_now()  # JOINING: monitors see the peer while it loads, joiners avoid its span
-        self.runtime = BlockRuntime(await self._load(), self.config.output_noise, self.metrics.record_decode_batch)
+        self.runtime = await self._new_runtime()
         limits = HandlerLimits.from_config(config, self.source.config.hidden_size)
         handler = BlockHandler(
             self.runtime, self.budget, limits, self.peer_info, lambda: self.state.routable, metrics=self.metrics,
@@ -276,6 +276,12 @@ class Peer:
         )  # fmt: skip
         return length
 
+    async def _new_runtime(self) -> BlockRuntime:
+        return BlockRuntime(
+            await self._load(), self.config.output_noise, self.metrics.record_decode_batch,
+            self.config.prefill_chunk_tokens,
+        )  # fmt: skip
+
     async def _load(self) -> BlockSlice:
         """Load the span's blocks and know their speed: from the on-disk cache, or measured now."""
         block_slice = await asyncio.to_thread(self._load_blocks)
@@ -343,10 +349,7 @@ class Peer:
         self.state = ServerState.JOINING
         self._show_span()
         await self.announcer.announce_now()
-        old_runtime, self.runtime = (
-            self.runtime,
-            BlockRuntime(await self._load(), self.config.output_noise, self.metrics.record_decode_batch),
-        )
+        old_runtime, self.runtime = self.runtime, await self._new_runtime()
         handler.runtime = self.runtime
         if old_runtime is not None:
             old_runtime.close()

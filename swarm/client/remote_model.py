@@ -221,7 +221,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> dict[str, Any]:
         # The whole sequence each time: forward itself sends only what the peers have not seen.
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "logits_to_keep" in kwargs:  # generate asks for the last position's logits only
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
 
     def forward(
         self,
@@ -229,21 +232,25 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Logits for `input_ids` (or for token embeddings `inputs_embeds`, outside a session only), and with
-        `labels` the mean next-token cross-entropy (positions labelled -100 are ignored)."""
+        `labels` the mean next-token cross-entropy (positions labelled -100 are ignored).
+
+        `logits_to_keep` as in transformers: N > 0 computes the LM head for the last N positions only (generate
+        passes 1: a long prompt's other logits would cost as much as a layer), a tensor selects positions."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ConfigError("padded batches are not supported yet: give prompts of equal length")
         if (input_ids is None) == (inputs_embeds is None):
             raise ConfigError("pass exactly one of input_ids and inputs_embeds")
         conversation = self._conversation
         if conversation is None:
-            logits = self._stateless_logits(input_ids, inputs_embeds)
+            logits = self._stateless_logits(input_ids, inputs_embeds, logits_to_keep)
         else:
             if input_ids is None:
                 raise ConfigError("inference sessions take input_ids; inputs_embeds work in stateless forward calls")
-            logits = self._session_logits(conversation, input_ids)
+            logits = self._session_logits(conversation, input_ids, logits_to_keep)
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(
@@ -251,7 +258,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    def _session_logits(self, conversation: _Conversation, input_ids: torch.Tensor) -> torch.Tensor:
+    def _session_logits(
+        self, conversation: _Conversation, input_ids: torch.Tensor, logits_to_keep: int | torch.Tensor = 0
+    ) -> torch.Tensor:
         """Logits for the tokens of `input_ids` the session has not processed yet; the peers keep the rest in
         their caches. Where `input_ids` leaves what was processed (rejected speculative tokens, an edited
         conversation), the session and the peers' caches roll back to the last common token first; when nothing is
@@ -271,7 +280,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = self.client_modules.embed_vectors(token_vectors, session.position)
         outputs = run_sync(session.step(hidden))
         conversation.sent_ids = input_ids.clone()
-        return self.client_modules.logits(outputs.to(device=hidden.device, dtype=hidden.dtype))[:, prompt_length:]
+        outputs = _kept(outputs[:, prompt_length:], logits_to_keep)
+        return self.client_modules.logits(outputs.to(device=hidden.device, dtype=hidden.dtype))
 
     def _adapters(self) -> ModelAdapters | None:
         """The LoRA adapter and deep prompts as inference sessions send them to the peers."""
@@ -280,7 +290,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             return ModelAdapters.detached(None, (), deep_prompts)
         return ModelAdapters.detached(self.lora.header, self.lora.tensors(), deep_prompts)
 
-    def _stateless_logits(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+    def _stateless_logits(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        logits_to_keep: int | torch.Tensor = 0,
+    ) -> torch.Tensor:
         """Embeddings (+ soft prompts) here, blocks (+ LoRA, deep prompts) on the peers, head here; differentiable
         throughout."""
         token_vectors = self.client_modules.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
@@ -290,12 +305,21 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         deep_prompts = None if self.prompts is None else self.prompts.block_prompts
         lora = (None,) if self.lora is None else (self.lora.header, *self.lora.tensors())
         hidden = RemoteBlocks.apply(hidden, self.swarm, deep_prompts, *lora)
-        logits = self.client_modules.logits(hidden)
-        return logits if self.prompts is None else logits[:, self.prompts.pre_seq_len :]
+        if self.prompts is not None:
+            hidden = hidden[:, self.prompts.pre_seq_len :]
+        return self.client_modules.logits(_kept(hidden, logits_to_keep))
 
     def close(self) -> None:
         """Leave the swarm (shuts down this client's DHT process)."""
         self.swarm.close()
+
+
+def _kept(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions of [batch, seq, hidden] states whose logits were asked for (`logits_to_keep`, as in
+    transformers: 0 all, N > 0 the last N, a tensor those positions)."""
+    if isinstance(logits_to_keep, int):
+        return hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+    return hidden[:, logits_to_keep]
 
 
 class AutoDistributedModelForCausalLM:

@@ -205,8 +205,7 @@ class InferenceSession:
         self.position = position
 
     async def close(self) -> None:
-        for connection in self._connections:
-            await connection.stream.close()
+        await asyncio.gather(*(connection.stream.close() for connection in self._connections))
         self._connections = []
 
     async def _send(self, connection: _SpanConnection, hidden_states: torch.Tensor, position: int) -> torch.Tensor:
@@ -304,6 +303,11 @@ class InferenceSession:
             )
             for span in route.spans
         ]
+        # every span's stream opens now, side by side; one that fails to open fails its first step instead, which
+        # routes around it
+        await asyncio.gather(
+            *(c.stream.open(self.swarm.config.request_timeout) for c in connections), return_exceptions=True
+        )
         if history is not None:
             hidden_states = history
             try:

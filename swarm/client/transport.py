@@ -201,29 +201,36 @@ class InferenceStream:
         self.adapters = adapters  # sent once, with the first step; the peer applies them to every step
         self._requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
         self._replies: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+        self._sent_open = False  # the first step carries the session's opening (and its adapters)
+
+    async def open(self, timeout: float) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Open the libp2p stream, once, before or with the first step (a session opens all its spans' streams
+        at once, so that no step waits for a stream to open); the peer's replies."""
+        if self._replies is not None:
+            return self._replies
+        with map_p2p_errors(self.peer_id):
+            self._replies = await asyncio.wait_for(
+                self.p2p.iterate_protobuf_handler(
+                    PeerID.from_base58(self.peer_id), RPC_INFERENCE, self._request_stream(), runtime_pb2.ExpertResponse
+                ),
+                timeout,
+            )
+        return self._replies
 
     async def step(self, hidden: torch.Tensor, position: int, timeout: float) -> torch.Tensor:
         """Send hidden states that start at `position`; return the blocks' output."""
         metadata = {**InferenceStep(position).to_wire()}
         tensors = [hidden]
-        if self._replies is None:
+        if not self._sent_open:
             metadata["open"] = self.session_open.to_wire()
             if self.adapters is not None:
                 metadata.update(self.adapters.metadata())
                 tensors += self.adapters.tensors()
         with map_p2p_errors(self.peer_id):
+            replies = await self.open(timeout)
             self._requests.put_nowait(messages.request(tensors, metadata, self.session_open.compression))
-            if self._replies is None:
-                self._replies = await asyncio.wait_for(
-                    self.p2p.iterate_protobuf_handler(
-                        PeerID.from_base58(self.peer_id),
-                        RPC_INFERENCE,
-                        self._request_stream(),
-                        runtime_pb2.ExpertResponse,
-                    ),
-                    timeout,
-                )
-            reply = await asyncio.wait_for(anext(self._replies), timeout)
+            self._sent_open = True
+            reply = await asyncio.wait_for(anext(replies), timeout)
             metadata = messages.unpack_metadata(reply.metadata)
             raise_for_error(self.peer_id, messages.error_of(metadata))
             (outputs,) = messages.tensors_of(reply)

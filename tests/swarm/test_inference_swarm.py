@@ -51,6 +51,22 @@ def test_forward_logits_match_local(swarm_and_local: tuple[DistributedModelForCa
         torch.testing.assert_close(distributed(tokens).logits, local(tokens).logits, atol=LOGITS_ATOL, rtol=0)
 
 
+def test_logits_to_keep_computes_the_last_positions_only(
+    swarm_and_local: tuple[DistributedModelForCausalLM, torch.nn.Module],
+) -> None:
+    """As transformers' models do (generate passes 1): the LM head runs on the last N positions, in a stateless
+    call and in a session."""
+    distributed, local = swarm_and_local
+    tokens = _prompts(batch=1, length=9, seed=5)
+    with torch.no_grad():
+        expected = local(tokens, logits_to_keep=3).logits
+        assert expected.shape[1] == 3
+        torch.testing.assert_close(distributed(tokens, logits_to_keep=3).logits, expected, atol=LOGITS_ATOL, rtol=0)
+        with distributed.inference_session(max_length=16):
+            in_session = distributed(tokens, logits_to_keep=3).logits
+        torch.testing.assert_close(in_session, expected, atol=LOGITS_ATOL, rtol=0)
+
+
 def test_sampling_with_seed_matches_local(swarm_and_local: tuple[DistributedModelForCausalLM, torch.nn.Module]) -> None:
     distributed, local = swarm_and_local
     prompts = _prompts(batch=1, length=5, seed=2)

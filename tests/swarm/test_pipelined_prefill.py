@@ -1,5 +1,6 @@
 """Pipelined prefill in a real swarm: a prompt longer than `prefill_chunk_tokens` flows down a 3-peer route in
-chunks, and the logits and the generation after it equal the local model's, as with the prompt sent whole."""
+chunks, and the logits and the generation after it equal the local model's, as with the prompt sent whole (which
+the peers, started with a small `--prefill-chunk-tokens`, compute in parts)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ LOGITS_ATOL = 1e-4
 
 def test_a_chunked_prompt_gives_the_logits_of_a_whole_one(make_swarm, connect, tiny_model_dir, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     model_dir = tiny_model_dir("llama", NUM_BLOCKS)
-    local_swarm = make_swarm(model_dir, [(0, 1), (1, 3), (3, NUM_BLOCKS)])
+    local_swarm = make_swarm(model_dir, [(0, 1), (1, 3), (3, NUM_BLOCKS)], peer_args=["--prefill-chunk-tokens", "5"])
     pipelined = connect(model_dir, local_swarm, prefill_chunk_tokens=4)
     whole = connect(model_dir, local_swarm, prefill_chunk_tokens=0)
     local = AutoModelForCausalLM.from_pretrained(model_dir).eval()
