@@ -318,14 +318,14 @@ class BlockHandler:
                 if adapters is not None:
                     adapters = adapters.on(span.device, span.dtype)  # once: every step of the session applies them
                 logger.debug("Session from %s opened: blocks %d:%d", peer, session_open.start, session_open.end)
-                cache = span.new_cache()
+                cache = span.new_cache(session_open.max_length)
                 request: runtime_pb2.ExpertRequest | None = first
                 while request is not None:
                     if request is not first:
                         (hidden_states,) = self._expect_tensors(messages.tensors_of(request), 1)
                         metadata = messages.unpack_metadata(request.metadata)
                     step = InferenceStep.from_wire(metadata)
-                    cache = self._rewound(span, cache, step.position)
+                    cache = self._rewound(span, cache, step.position, session_open.max_length)
                     if self.added_latency:
                         await asyncio.sleep(self.added_latency)
                     outputs = await self._inference_step(span, cache, session_open, step, hidden_states, adapters)
@@ -389,13 +389,13 @@ class BlockHandler:
             yield message
 
     @staticmethod
-    def _rewound(span: BlockSlice, cache: Any, position: int) -> Any:
+    def _rewound(span: BlockSlice, cache: Any, position: int, max_length: int) -> Any:
         """The session's cache without the tokens from `position` on, when a step starts before its end (rejected
         speculative tokens, an edited conversation); back to 0 is a fresh cache, whatever the layers are."""
         if position >= cache.get_seq_length():
             return cache
         if position == 0:
-            return span.new_cache()
+            return span.new_cache(max_length)
         try:
             span.rollback(cache, position)
         except ValueError as e:

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from swarm.errors import ConfigError
 from swarm.models import BlockSlice, ClientModules, ModelSource, load_block_slice, load_client_modules
+from swarm.models.block_slice import BATCHED_DECODE_MAX_TOKENS, GrowingLayer
 from tests.model_factory import FAMILIES, FIRST_ORDINARY_TOKEN, VOCAB_SIZE, save_tiny_model
 
 ATOL = 1e-4  # float32 logits; the measured difference is ~3e-7
@@ -191,3 +193,40 @@ def test_decode_steps_of_sessions_together_equal_each_alone(
     expected = alone[0::2] + alone[1::2]
     for ours, theirs in zip(together, expected, strict=True):
         torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+def test_growing_layer_appends_in_place_within_its_cap_and_rewrites_after_a_crop() -> None:
+    """The cache layer sessions use: the same keys and values as transformers' DynamicLayer, grown by doubling up
+    to the session's max_length, without a new buffer on most steps; a crop (rollback) keeps the buffer."""
+    generator = torch.Generator().manual_seed(7)
+    ours, theirs = GrowingLayer(max_length=100), DynamicLayer()
+    buffers = set()
+    for tokens in (3, 1, 1, 60, 1, 30):  # a prompt, decode steps, a long step, more
+        keys, values = (torch.randn(2, 4, tokens, 8, generator=generator) for _ in range(2))
+        for layer in (ours, theirs):
+            layer.update(keys, values)
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+        buffers.add(ours._keys.data_ptr())
+    assert ours.get_seq_length() == 96
+    assert ours._keys.shape[-2] == 100  # doubling stopped at max_length
+    assert len(buffers) == 2  # 64 tokens for the prompt, then 130 capped to 100 for the long step
+    ours.crop(-10)
+    theirs.crop(-10)
+    rewritten = [torch.randn(2, 4, 2, 8, generator=generator) for _ in range(2)]
+    ours.update(*rewritten)
+    theirs.update(*rewritten)
+    assert (
+        ours.get_seq_length() == 88 and torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+    )
+
+
+def test_only_short_growing_caches_join_a_batch_of_decode_steps(saved_model: Callable[..., SavedModel]) -> None:
+    _, path = saved_model("llama")
+    (block_slice,) = load_chain(path, spans=[(0, 2)])[1]
+    cache = block_slice.new_cache()
+    assert not BlockSlice.can_decode_together(cache)  # empty: nothing to decode after
+    with torch.inference_mode():
+        block_slice(torch.randn(1, BATCHED_DECODE_MAX_TOKENS, block_slice.hidden_size), cache=cache, position=0)
+        assert BlockSlice.can_decode_together(cache)
+        block_slice(torch.randn(1, 1, block_slice.hidden_size), cache=cache, position=BATCHED_DECODE_MAX_TOKENS)
+    assert not BlockSlice.can_decode_together(cache)  # longer: copying it into a batch costs more than it saves

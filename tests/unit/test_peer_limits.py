@@ -80,7 +80,7 @@ def test_parse_size_names_the_flag() -> None:
 class _EchoSpan:
     hidden_size, device, dtype, blocks = HIDDEN, torch.device("cpu"), torch.float32, ()
 
-    def new_cache(self) -> SimpleNamespace:
+    def new_cache(self, max_length: int | None = None) -> SimpleNamespace:
         return SimpleNamespace(get_seq_length=lambda: 0)
 
 
