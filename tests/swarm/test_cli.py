@@ -156,7 +156,9 @@ def test_bench_reports_every_figure_with_tokens_equal_local(tmp_path: Path) -> N
 def test_demo_stops_everything_when_stopped_early(
     tmp_path: Path, stop: Callable[[SwarmProcess], None], returncode: int, message: str
 ) -> None:
-    demo = SwarmProcess([*CLI, "demo"], env={**ENV, DEMO_MODEL_ENV: str(tmp_path / "m")})
+    # 1000 tokens keep the demo busy for seconds after its peers serve: the default 32 can all be generated, and
+    # the demo finish, before a busy machine delivers the signal
+    demo = SwarmProcess([*CLI, "demo", "--max-new-tokens", "1000"], env={**ENV, DEMO_MODEL_ENV: str(tmp_path / "m")})
     try:
         demo.wait_for_line("serves blocks 3:6", timeout=DEMO_TIMEOUT, stream="stdout")
         started = descendants(demo.pid)
