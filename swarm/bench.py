@@ -286,24 +286,41 @@ def _concurrent_tokens_per_second(
 ) -> float:
     """Tokens/s of `clients` greedy sessions decoding side by side (prompt included in the time)."""
 
-    async def one_session() -> None:
-        session = InferenceSession(model.swarm, prompt.shape[1] + new_tokens)
-        try:
-            with torch.no_grad():
-                hidden = model.client_modules.embed(prompt)
-                for _ in range(new_tokens):
-                    outputs = await session.step(hidden)
-                    token = model.client_modules.logits(outputs[:, -1:].to(hidden)).argmax(-1)
-                    hidden = model.client_modules.embed(token, session.position)
-        finally:
-            await session.close()
-
     async def all_sessions() -> float:
         began = time.perf_counter()
-        await asyncio.gather(*(one_session() for _ in range(clients)))
+        await asyncio.gather(*(greedy_session(model, prompt, new_tokens) for _ in range(clients)))
         return clients * new_tokens / (time.perf_counter() - began)
 
     return run_sync(all_sessions())
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRun:
+    """Greedy decoding through one bare `InferenceSession` (`greedy_session`)."""
+
+    tokens: torch.Tensor  # the prompt, then the greedy tokens
+    prompt_outputs: torch.Tensor  # the last block's output for the prompt, on the client's device and dtype
+    decode_s: float  # seconds of the steps after the prompt's
+
+
+async def greedy_session(
+    model: DistributedModelForCausalLM, prompt: torch.Tensor, new_tokens: int, wire_compression: str | None = None
+) -> SessionRun:
+    """`new_tokens` greedy tokens after `prompt`, one session step each (no `generate`): sessions started side by
+    side reach the peers together, and the peers batch their decode steps."""
+    session = InferenceSession(model.swarm, prompt.shape[1] + new_tokens, wire_compression=wire_compression)
+    try:
+        with torch.no_grad():
+            hidden = model.client_modules.embed(prompt)
+            prompt_outputs = (await session.step(hidden)).to(hidden)
+            tokens = [model.client_modules.logits(prompt_outputs[:, -1:]).argmax(-1)]
+            began = time.perf_counter()
+            for _ in range(new_tokens - 1):
+                outputs = await session.step(model.client_modules.embed(tokens[-1], session.position))
+                tokens.append(model.client_modules.logits(outputs.to(hidden)).argmax(-1))
+            return SessionRun(torch.cat([prompt, *tokens], dim=1), prompt_outputs, time.perf_counter() - began)
+    finally:
+        await session.close()
 
 
 def _prefill_seconds(model: DistributedModelForCausalLM, prompt: torch.Tensor, chunk: int, repeats: int) -> float:
@@ -337,32 +354,16 @@ def _wire_result(
     """Greedy decoding through sessions whose hidden states travel under `compression`: the median decode rate,
     the prompt's logits against `local_logits`, and the tokens against `expected` (local greedy output)."""
     new_tokens = expected.shape[1] - prompt.shape[1]
-
-    async def once() -> tuple[float, torch.Tensor, torch.Tensor]:
-        session = InferenceSession(model.swarm, expected.shape[1], wire_compression=compression)
-        try:
-            with torch.no_grad():
-                hidden = model.client_modules.embed(prompt)
-                logits = model.client_modules.logits((await session.step(hidden)).to(hidden))
-                tokens = [logits[:, -1:].argmax(-1)]
-                began = time.perf_counter()
-                for _ in range(new_tokens - 1):
-                    hidden = model.client_modules.embed(tokens[-1], session.position)
-                    tokens.append(model.client_modules.logits((await session.step(hidden)).to(hidden)).argmax(-1))
-                rate = (new_tokens - 1) / max(time.perf_counter() - began, 1e-9)
-                return rate, logits, torch.cat([prompt, *tokens], dim=1)
-        finally:
-            await session.close()
-
-    runs = [run_sync(once()) for _ in range(repeats + 1)][1:]  # the first one warms up
-    _, logits, output = runs[-1]
+    runs = [run_sync(greedy_session(model, prompt, new_tokens, compression)) for _ in range(repeats + 1)][1:]
+    with torch.no_grad():  # the first run above warmed up
+        logits = model.client_modules.logits(runs[-1].prompt_outputs)
     error = (logits.float() - local_logits.float()).flatten()
     return WireResult(
         compression=compression,
-        decode_tokens_per_s=statistics.median(rate for rate, _, _ in runs),
+        decode_tokens_per_s=statistics.median((new_tokens - 1) / max(run.decode_s, 1e-9) for run in runs),
         max_logit_error=error.abs().max().item(),
         relative_logit_error=(error.norm() / local_logits.float().norm()).item(),
-        tokens_equal_local=torch.equal(output, expected),
+        tokens_equal_local=torch.equal(runs[-1].tokens, expected),
     )
 
 

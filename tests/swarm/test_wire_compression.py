@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from swarm.bench import greedy_session
 from swarm.client._sync import run_sync
-from swarm.client.session import InferenceSession
 from swarm.client.transport import call_forward
 from swarm.protocol import SpanRequest
 from tests.model_factory import FIRST_ORDINARY_TOKEN, VOCAB_SIZE
@@ -42,22 +42,9 @@ def _greedy_session(model, compression: str, urls: tuple[str, ...]) -> tuple[tor
         FIRST_ORDINARY_TOKEN, VOCAB_SIZE, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(5)
     )
     before = [scrape(url)[BYTES_IN] for url in urls]
-
-    async def run() -> torch.Tensor:
-        session = InferenceSession(model.swarm, PROMPT_TOKENS + DECODE_STEPS, wire_compression=compression)
-        try:
-            hidden = model.client_modules.embed(prompt)
-            logits = model.client_modules.logits((await session.step(hidden)).float())
-            token = logits[:, -1:].argmax(-1)
-            for _ in range(DECODE_STEPS - 1):
-                outputs = await session.step(model.client_modules.embed(token, session.position))
-                token = model.client_modules.logits(outputs.float()).argmax(-1)
-            return logits
-        finally:
-            await session.close()
-
+    run = run_sync(greedy_session(model, prompt, DECODE_STEPS, compression))
     with torch.no_grad():
-        logits = run_sync(run())
+        logits = model.client_modules.logits(run.prompt_outputs)
     return logits, [scrape(url)[BYTES_IN] - was for url, was in zip(urls, before, strict=True)]
 
 
