@@ -50,11 +50,14 @@ class ClientConfig:
             raise ConfigError(f"verify_rate must be within [0, 1], got {self.verify_rate}")
         if self.prefill_chunk_tokens < 0:
             raise ConfigError("prefill_chunk_tokens must be >= 0 (0 sends a prompt whole to one span after another)")
-        if self.wire_compression not in WIRE_COMPRESSIONS:
-            raise ConfigError(
-                f"wire_compression must be one of {', '.join(WIRE_COMPRESSIONS)}, got {self.wire_compression!r}"
-            )
+        check_wire_compression(self.wire_compression)
         if self.max_sub_batch_size <= 0:
             raise ConfigError("max_sub_batch_size must be positive")
         if self.max_retries < 0 or self.hung_step_factor <= 1:
             raise ConfigError("max_retries must be >= 0 and hung_step_factor > 1")
+
+
+def check_wire_compression(name: str) -> None:
+    """ConfigError unless `name` is one of WIRE_COMPRESSIONS (a client's setting, or one session's)."""
+    if name not in WIRE_COMPRESSIONS:
+        raise ConfigError(f"wire_compression must be one of {', '.join(WIRE_COMPRESSIONS)}, got {name!r}")

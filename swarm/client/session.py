@@ -31,6 +31,7 @@ from swarm.client.swarm_client import SwarmClient
 from swarm.client.transport import InferenceStream
 from swarm.client.verification import CheckSchedule
 from swarm.compression import in_compute_dtype
+from swarm.config import check_wire_compression
 from swarm.errors import (
     RETRYABLE_ERRORS,
     ConfigError,
@@ -40,7 +41,7 @@ from swarm.errors import (
     SwarmError,
 )
 from swarm.logs import short_id
-from swarm.protocol import WIRE_COMPRESSIONS, InferenceOpen
+from swarm.protocol import InferenceOpen
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,8 @@ class InferenceSession:
     ):
         if max_length <= 0:
             raise ConfigError("max_length must be positive")
-        if wire_compression is not None and wire_compression not in WIRE_COMPRESSIONS:
-            raise ConfigError(f"wire_compression must be one of {', '.join(WIRE_COMPRESSIONS)}")
+        if wire_compression is not None:
+            check_wire_compression(wire_compression)
         self.swarm = swarm
         self.max_length = max_length
         self.adapters = adapters  # LoRA / deep prompts every peer applies to this session's steps
