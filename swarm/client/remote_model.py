@@ -205,7 +205,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         conversation = self._conversation
         if conversation is None:
             max_length = _max_length_of(inputs, kwargs, self.generation_config)
-            with self.inference_session(max_length=max_length):
+            with self.inference_session(max_length=max_length) as session:
+                if inputs is not None:
+                    session.open_soon(inputs.shape[0])  # while transformers sets generation up
                 return self.generate(inputs, *args, **kwargs)
         if conversation.token_ids is not None:
             previous = conversation.token_ids

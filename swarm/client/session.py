@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from swarm.client._sync import client_loop
 from swarm.client.metrics import client_metrics
 from swarm.client.remote_blocks import ModelAdapters, check_forward
 from swarm.client.routing import Route, RouteSpan
@@ -92,6 +93,9 @@ class InferenceSession:
         self._excluded: set[str] = set()  # peers that refused this session (full, leaving): not faulty, not banned
         self._metrics = client_metrics()
         self._last_output_time: float | None = None  # perf_counter() when the last step's output arrived
+        # a route was built: the next step or the close re-reads a stale swarm view, once the caller has its token
+        self._view_used = False
+        self._opening: asyncio.Future[list[_SpanConnection]] | None = None  # the first route's streams, opening
 
     @property
     def route(self) -> Route | None:
@@ -101,6 +105,8 @@ class InferenceSession:
     async def step(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Run [batch, seq, hidden] states that start at `position` through all blocks."""
         began = time.perf_counter()
+        if self._connections:  # not the first step, whose route is still new
+            self._refresh_used_view()
         batch, seq = hidden_states.shape[:2]
         if self.position + seq > self.max_length:
             raise ConfigError(
@@ -108,15 +114,11 @@ class InferenceSession:
                 "open it with a larger max_length"
             )
         if self._batch_size is None:
-            self._batch_size = batch
-            try:
-                self._connections = await self._connect(0, self.swarm.num_blocks, history=None)
-            except BaseException:
-                self._batch_size = None  # not opened: a later step opens it afresh
-                raise
-            self._metrics.sessions.inc()
+            self._open(batch)
         elif batch != self._batch_size:
             raise ConfigError(f"the session was opened for batch size {self._batch_size}, this step has {batch}")
+        if self._opening is not None:
+            await self._opened()
         if not self._connections:
             raise ConfigError("this inference session is closed")
         chunk = self.prefill_chunk_tokens
@@ -145,6 +147,27 @@ class InferenceSession:
         self.position += seq
         self._record_timing(began, seq)
         return hidden_states
+
+    def open_soon(self, batch_size: int) -> None:
+        """Start choosing the route and opening its streams now, in the background, for a first step of
+        `batch_size` rows: for callers that know the batch before they have the first hidden states (`generate`,
+        whose own set-up takes about as long as opening). Callable from any thread."""
+        client_loop().call_soon_threadsafe(self._open, batch_size)
+
+    def _open(self, batch_size: int) -> None:
+        if self._batch_size is None:
+            self._batch_size = batch_size
+            self._opening = asyncio.ensure_future(self._connect(0, self.swarm.num_blocks, history=None))
+
+    async def _opened(self) -> None:
+        assert self._opening is not None
+        opening, self._opening = self._opening, None
+        try:
+            self._connections = await opening
+        except BaseException:
+            self._batch_size = None  # not opened: a later step opens it afresh
+            raise
+        self._metrics.sessions.inc()
 
     def _record_timing(self, began: float, seq: int) -> None:
         now = time.perf_counter()
@@ -205,7 +228,22 @@ class InferenceSession:
                 connection.inputs = [kept] if position else []
         self.position = position
 
+    def _refresh_used_view(self) -> None:
+        """Re-read the swarm view in the background if a route was built from it and it is stale. It is done here,
+        not while building the route: a re-read keeps every DHT node of the swarm busy for about 10 ms, which on a
+        machine with few cores would delay the first token by as much."""
+        if self._view_used:
+            self._view_used = False
+            self.swarm.refresh_view_if_stale()
+
     async def close(self) -> None:
+        if self._opening is not None:  # opened by `open_soon`, never stepped: stop opening, close what opened
+            opening, self._opening = self._opening, None
+            opening.cancel()
+            await asyncio.wait([opening])
+            if not opening.cancelled() and opening.exception() is None:
+                self._connections = opening.result()
+        self._refresh_used_view()
         await asyncio.gather(*(connection.stream.close() for connection in self._connections))
         self._connections = []
 
@@ -289,7 +327,9 @@ class InferenceSession:
             min_cache_tokens=self.max_length * self._batch_size,
             exclude=self._excluded,
             wait=not self._excluded,  # peers that are full or leaving will not come back within a step
+            refresh_view=False,  # later: `_refresh_used_view`
         )
+        self._view_used = True
         p2p = await self.swarm.p2p()
         connections = [
             _SpanConnection(

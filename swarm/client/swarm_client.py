@@ -62,17 +62,24 @@ class SwarmClient:
             self._p2p = p2p if self.swarm_key is None else KeyedP2P(p2p, self.swarm_key)
         return self._p2p
 
-    async def known_view(self) -> SwarmView:
+    async def known_view(self, refresh: bool = True) -> SwarmView:
         """The unexpired records already known, at once; stale ones (older than view_max_age) are re-read in the
-        background, so opening a session or rerouting never waits on a DHT lookup (which may even stall on the
-        very peer that just hung). Only the first call reads the DHT on the spot."""
+        background (unless not `refresh`: the caller calls `refresh_view_if_stale` when it suits it), so opening a
+        session or rerouting never waits on a DHT lookup (which may even stall on the very peer that just hung).
+        Only the first call reads the DHT on the spot."""
         if self._view is None:
             return await self.view(max_age=0)
+        if refresh:
+            self.refresh_view_if_stale()
+        return self._view.unexpired(get_dht_time())
+
+    def refresh_view_if_stale(self) -> None:
+        """Start re-reading the DHT in the background if the view is older than view_max_age (and no re-read
+        runs)."""
         if time.monotonic() - self._view_time > self.config.view_max_age and (
             self._refreshing is None or self._refreshing.done()
         ):
             self._refreshing = asyncio.get_running_loop().create_task(self._refresh_view())
-        return self._view.unexpired(get_dht_time())
 
     async def _refresh_view(self) -> None:
         try:
@@ -114,10 +121,11 @@ class SwarmClient:
         exclude: Collection[str] = (),
         wait: bool = True,
         spread_load: bool = False,
+        refresh_view: bool = True,
     ) -> Route:
         """The best route over blocks [start, end) now, avoiding banned and `exclude`d peers; waits up to
         connect_timeout for missing blocks to appear (unless `wait` is false). `spread_load`: training calls,
-        spread over replicas in proportion to throughput (see `routing`).
+        spread over replicas in proportion to throughput (see `routing`). `refresh_view`: as in `known_view`.
 
         The first attempt routes over the records already known (`known_view`); later ones read the DHT afresh.
         A stale pick costs little: a peer that is gone fails the first step and the session routes around it.
@@ -125,7 +133,7 @@ class SwarmClient:
         deadline = time.monotonic() + self.config.connect_timeout
         attempt = 0
         while True:
-            view = await (self.known_view() if attempt == 0 else self.view(max_age=0))
+            view = await (self.known_view(refresh_view) if attempt == 0 else self.view(max_age=0))
             attempt += 1
             await self._measure_latencies(view)
             try:

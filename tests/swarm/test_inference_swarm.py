@@ -7,6 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from swarm import DistributedModelForCausalLM
+from swarm.client._sync import run_sync
+from swarm.client.session import InferenceSession
+from swarm.client.verification import CheckSchedule
 from swarm.errors import ConfigError
 from tests.model_factory import FIRST_ORDINARY_TOKEN, VOCAB_SIZE
 
@@ -132,3 +135,46 @@ def test_beam_search_is_refused_and_a_different_text_starts_the_session_over(
         logits = distributed(other).logits  # a different text in the same session: the peers' caches start over
         expected = local(other).logits
     torch.testing.assert_close(logits, expected, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_the_swarm_view_is_reread_only_after_the_first_step(
+    swarm_and_local: tuple[DistributedModelForCausalLM, torch.nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-read of the DHT keeps every DHT node of the swarm busy for about 10 ms: a session building its route
+    from the known view asks for one once its first step has returned, never during it. The route's streams open
+    while transformers sets generation up (`open_soon`), and the tokens stay those of the local model."""
+    distributed, local = swarm_and_local
+    events: list[str] = []
+    step, refresh = InferenceSession.step, distributed.swarm.refresh_view_if_stale
+
+    async def noted_step(session: InferenceSession, hidden_states: torch.Tensor) -> torch.Tensor:
+        events.append("step")
+        outputs = await step(session, hidden_states)
+        events.append("stepped")
+        return outputs
+
+    def noted_refresh() -> None:
+        events.append("refresh")
+        refresh()
+
+    monkeypatch.setattr(InferenceSession, "step", noted_step)
+    monkeypatch.setattr(CheckSchedule, "due", lambda schedule: False)  # spot checks build routes of their own
+    monkeypatch.setattr(distributed.swarm, "refresh_view_if_stale", noted_refresh)
+    prompt = _prompts(batch=1, length=5, seed=7)
+    expected = local.generate(prompt, max_new_tokens=3, do_sample=False, eos_token_id=None)
+    assert torch.equal(distributed.generate(prompt, max_new_tokens=3, do_sample=False, eos_token_id=None), expected)
+    assert events == ["step", "stepped", "step", "refresh", "stepped", "step", "stepped"]
+
+
+def test_a_session_opened_ahead_and_never_stepped_closes(
+    swarm_and_local: tuple[DistributedModelForCausalLM, torch.nn.Module],
+) -> None:
+    """`open_soon` starts opening the route before the first step; a session closed before any step (generate
+    failing in its own set-up) ends those streams and is closed for good."""
+    distributed, _ = swarm_and_local
+    session = InferenceSession(distributed.swarm, max_length=8)
+    session.open_soon(1)
+    run_sync(session.close())
+    assert session.route is None
+    with pytest.raises(ConfigError, match="closed"):
+        run_sync(session.step(torch.zeros(1, 1, distributed.config.hidden_size)))
