@@ -72,6 +72,9 @@ def build_parser() -> configargparse.ArgumentParser:
     add("--prefill-chunk-tokens", "--prefill_chunk_tokens", type=int, default=defaults.prefill_chunk_tokens,
         help="a longer prompt step runs in parts of this many tokens, so that other sessions' decode steps go "
         "in between instead of waiting for the whole prompt (default: %(default)s)")  # fmt: skip
+    add("--decode-gather-ms", "--decode_gather_ms", type=float, default=defaults.decode_gather_ms,
+        help="a decode step waits up to this long (and no longer than the last batch took) for the steps of the "
+        "other sessions decoding here, to run them in one batch (0: never waits; default: %(default)s)")  # fmt: skip
     add("--session-idle-timeout", "--session_idle_timeout", type=float, default=defaults.session_idle_timeout,
         help="seconds an inference session may wait between steps")  # fmt: skip
     add("--max-sessions-per-client", "--max_sessions_per_client", type=int,
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             max_batch_size=args.max_batch_size,
             inference_max_length=args.inference_max_length,
             prefill_chunk_tokens=args.prefill_chunk_tokens,
+            decode_gather_ms=args.decode_gather_ms,
             session_idle_timeout=args.session_idle_timeout,
             max_sessions_per_client=args.max_sessions_per_client,
             max_requests_per_client=args.max_requests_per_client,

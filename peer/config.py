@@ -28,6 +28,7 @@ class PeerConfig:
     max_batch_size: int = 8
     inference_max_length: int = 4096  # tokens one inference session may reach
     prefill_chunk_tokens: int = 512  # a longer inference step runs in parts, other sessions' decode steps between
+    decode_gather_ms: float = 10.0  # longest wait of a decode step for the other decoding sessions' steps
     session_idle_timeout: float = 600.0  # seconds a session may wait between steps
     max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT  # inference sessions one remote peer may hold
     max_requests_per_client: int = DEFAULT_MAX_REQUESTS_PER_CLIENT  # forward/backward calls in flight per remote peer
@@ -83,6 +84,8 @@ class PeerConfig:
             raise ConfigError("--max-message-bytes must be positive")
         if self.update_period <= 0 or self.session_idle_timeout <= 0:
             raise ConfigError("--update-period and --session-idle-timeout must be positive")
+        if self.decode_gather_ms < 0:
+            raise ConfigError("--decode-gather-ms must not be negative")
         if self.drain_timeout < 0:
             raise ConfigError("--drain-timeout must not be negative")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:

@@ -1,9 +1,14 @@
 """Runs the hosted blocks on the device, off the event loop.
 
 Decode steps of different sessions that wait for the device at the same time run as one batch over their own
-KV caches (`BlockSlice.decode_together`): under load each forward pass serves many sessions, and a lone step
-waits for nothing. A long prompt step runs in parts of `prefill_chunk_tokens`, and decode steps that arrive
-meanwhile run between its parts: one user's long prompt delays the others by one part, not by the whole prompt.
+KV caches (`BlockSlice.decode_together`): under load each forward pass serves many sessions. Decode steps also
+wait for each other, up to `decode_gather_s` and never longer than the last batch took, while fewer than half of
+the sessions decoding through the same blocks (those that sent a step within ACTIVE_DECODER_S) have one waiting:
+one batch then answers them together, so their next steps come back together too. Not all of them: in a route
+of several peers, the sessions whose steps are on another peer come back only after it, and waiting for them
+would leave this peer idle. One or two sessions never wait. A long prompt step runs in parts of
+`prefill_chunk_tokens`, and decode steps that arrive meanwhile run between its parts: one user's long prompt
+delays the others by one part, not by the whole prompt.
 
 All torch work happens in one executor thread: the event loop keeps serving streams and the DHT while a
 step computes, and steps of different sessions never race on the device. A caller's LoRA adapter and deep
@@ -16,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +37,8 @@ from swarm.models.lora import applied_lora
 from swarm.protocol import LoraHeader
 
 _R = TypeVar("_R")
+
+ACTIVE_DECODER_S = 1.0  # a session that sent a decode step this recently is expected to send the next one soon
 
 
 @dataclass(frozen=True)
@@ -60,9 +69,11 @@ class BlockRuntime:
         output_noise: float = 0.0,
         on_decode_batch: Callable[[int], None] = lambda sessions: None,
         prefill_chunk_tokens: int = 512,
+        decode_gather_s: float = 0.0,
     ):
         self.block_slice = block_slice
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.decode_gather_s = decode_gather_s  # longest wait of decode steps for other sessions' (seconds)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-runtime")
         self._sub_slices: dict[tuple[int, int], BlockSlice] = {}
         # A faulty peer, for tests of the clients' spot checks only: Gaussian noise of this std on every output.
@@ -70,6 +81,10 @@ class BlockRuntime:
         self._noise = torch.Generator().manual_seed(0)
         self._decodes: list[_PendingDecode] = []  # decode steps waiting for the executor, batched when it frees up
         self._decoding: asyncio.Task[None] | None = None
+        # each decoding session's cache -> (when it last sent a decode step, id of its span); gone with the session
+        self._decoders: weakref.WeakKeyDictionary[DynamicCache, tuple[float, int]] = weakref.WeakKeyDictionary()
+        self._decode_arrived = asyncio.Event()
+        self.last_decode_batch_s = 0.0  # seconds of the last decode batch: steps never wait longer to gather
         self.on_decode_batch = on_decode_batch  # told how many sessions each decode forward pass served
 
     @property
@@ -99,6 +114,7 @@ class BlockRuntime:
         run as one batch (`_decode_waiting`)."""
         if adapters is None and hidden_states.shape[1] == 1 and BlockSlice.can_decode_together(cache):
             return self._faulty(await self._decode(span, cache, hidden_states))
+        self._decoders.pop(cache, None)  # not batched (any more): nobody waits for its steps
         parts = []
         for offset in range(0, hidden_states.shape[1], self.prefill_chunk_tokens):
             part = hidden_states[:, offset : offset + self.prefill_chunk_tokens]
@@ -123,23 +139,27 @@ class BlockRuntime:
     async def _decode(self, span: BlockSlice, cache: DynamicCache, hidden_states: torch.Tensor) -> torch.Tensor:
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         self._decodes.append(_PendingDecode(span, cache, hidden_states, future))
+        self._decoders[cache] = (time.monotonic(), id(span))
+        self._decode_arrived.set()
         if self._decoding is None or self._decoding.done():
             self._decoding = asyncio.create_task(self._decode_waiting())
         return await future
 
     async def _decode_waiting(self) -> None:
         """Run the waiting decode steps, those of one span as one batch, until none is left. Steps that arrive
-        while a batch computes wait for the next one: under load, batches grow by themselves; alone, a step
-        waits for nothing."""
+        while a batch computes wait for the next one: under load, batches grow by themselves."""
         await asyncio.sleep(0)  # steps that arrived in this same turn of the loop join the first batch
         while self._decodes:
+            await self._gather_decodes()
             waiting, self._decodes = self._decodes, []
             by_span: dict[int, list[_PendingDecode]] = {}
             for pending in waiting:
                 by_span.setdefault(id(pending.span), []).append(pending)
             for group in by_span.values():
                 try:
+                    began = time.monotonic()
                     outputs = await self._run(_decode_together, group[0].span, [(p.hidden, p.cache) for p in group])
+                    self.last_decode_batch_s = time.monotonic() - began
                 except Exception as e:
                     for pending in group:
                         if not pending.future.done():
@@ -149,6 +169,27 @@ class BlockRuntime:
                 for pending, output in zip(group, outputs, strict=True):
                     if not pending.future.done():  # its caller may have gone (the session's stream closed)
                         pending.future.set_result(output)
+
+    async def _gather_decodes(self) -> None:
+        """Wait, up to `decode_gather_s` or the last batch's duration if shorter (a longer wait would cost more
+        than running the steps apart), until at least half of the sessions decoding through the spans of the
+        waiting steps have a step waiting (see the module doc)."""
+        deadline = time.monotonic() + min(self.decode_gather_s, self.last_decode_batch_s)
+        while (left := deadline - time.monotonic()) > 0:
+            spans = {id(pending.span) for pending in self._decodes}
+            waiting = {id(pending.cache) for pending in self._decodes}
+            recent = time.monotonic() - ACTIVE_DECODER_S
+            coming = sum(
+                at > recent and span in spans and id(cache) not in waiting
+                for cache, (at, span) in list(self._decoders.items())
+            )
+            if coming <= len(waiting):
+                return
+            self._decode_arrived.clear()
+            try:
+                await asyncio.wait_for(self._decode_arrived.wait(), left)
+            except asyncio.TimeoutError:
+                return
 
     def _faulty(self, outputs: torch.Tensor) -> torch.Tensor:
         if not self.output_noise:

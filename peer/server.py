@@ -279,7 +279,7 @@ class Peer:
     async def _new_runtime(self) -> BlockRuntime:
         return BlockRuntime(
             await self._load(), self.config.output_noise, self.metrics.record_decode_batch,
-            self.config.prefill_chunk_tokens,
+            self.config.prefill_chunk_tokens, self.config.decode_gather_ms / 1000,
         )  # fmt: skip
 
     async def _load(self) -> BlockSlice:
