@@ -73,6 +73,7 @@ def run_peer(config: PeerConfig) -> None:
             signing_key=identity.private_key_der,
             swarm_key=swarm_key,
         )
+        identity.discard()  # p2pd has read it: a peer killed by SIGKILL leaves no key behind
         try:
             if dht.peer_id.to_base58() != identity.peer_id:
                 raise ConfigError(f"p2pd runs as {dht.peer_id}, not as the identity {identity.path}")

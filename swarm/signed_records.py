@@ -58,7 +58,7 @@ class PeerIdentity:
     path: Path
     private_key_der: bytes
     peer_id: str  # base58
-    temporary: bool  # written for this start only: the caller removes it on the way out (`discard`)
+    temporary: bool  # written for this start only: the caller removes it once p2pd has read it (`discard`)
     existed: bool  # the file was there before: hivemind checks that no running peer uses it already
 
     def discard(self) -> None:
