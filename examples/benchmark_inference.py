@@ -7,8 +7,9 @@ measurement (hidden 512, 8 layers, ~58M parameters) is saved, split over two `sw
 (blocks 0:4 and 4:8) behind a `swarm-dht` node on 127.0.0.1, and compared with `AutoModelForCausalLM.generate`
 in this process (`--threads`, default 2: this machine's cores) with one torch thread per peer (`--peer-threads`).
 Set OMP_WAIT_POLICY=PASSIVE to stop idle OpenMP threads spinning; it slows local generate more than the swarm.
-Greedy decoding with a fixed number of new tokens; medians over repeats. Decode rate = (N - 1) / (time for
-N tokens - time for 1 token), so it excludes the prompt.
+Greedy decoding with a fixed number of new tokens; medians over repeats. Both figures are taken as a streaming
+caller sees the tokens arrive (`swarm.bench.time_generate`): time to first token, and decode rate = (N - 1) /
+(time between the first and the last new token).
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def main() -> None:
         parameters = sum(p.numel() for p in local.parameters())
         with torch.inference_mode():
             local_timing = time_generate(
-                lambda n: local.generate(prompt, max_new_tokens=n, min_new_tokens=n, **options), args.new_tokens,
-                args.repeats,
+                lambda n, clock: local.generate(
+                    prompt, max_new_tokens=n, min_new_tokens=n, streamer=clock, **options
+                ),
+                args.new_tokens, args.repeats,
             )  # fmt: skip
 
         with LocalSwarm(model_dir, [(0, 4), (4, 8)], num_threads=args.peer_threads) as local_swarm:
@@ -61,7 +64,9 @@ def main() -> None:
             distributed = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=initial_peers)
             try:
                 swarm_timing = time_generate(
-                    lambda n: distributed.generate(prompt, max_new_tokens=n, min_new_tokens=n, **options),
+                    lambda n, clock: distributed.generate(
+                        prompt, max_new_tokens=n, min_new_tokens=n, streamer=clock, **options
+                    ),
                     args.new_tokens, args.repeats,
                 )  # fmt: skip
             finally:

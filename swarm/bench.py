@@ -8,8 +8,11 @@ evenly), so the figures measure this implementation's overhead, not a network. I
 `--repeats` runs:
 
   * decode tokens/s of greedy generation through the swarm and locally (`transformers` generate), and the ratio;
-  * time to first token (the prompt's pass and one token) through the swarm and locally, and the ratio;
-  * aggregate decode tokens/s of `--clients` concurrent sessions, and its ratio to one session;
+  * time to first token (until the first new token reaches a streaming caller) through the swarm and locally,
+    and the ratio;
+  * aggregate decode tokens/s of `--clients` concurrent sessions, and its ratio to one session; and the same
+    for sessions that skip the client's LM head (`headless_session`): on one machine the clients' heads share the
+    cores with the peers, so this tells what the peers themselves serve;
   * speculative decoding with `--draft MODEL` (greedy; the local model itself when not given): tokens/s and the
     draft's acceptance rate;
   * the prefill of a `--long-prompt` prompt pipelined in chunks of `--prefill-chunk` tokens, against sent whole;
@@ -28,12 +31,13 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.generation.streamers import BaseStreamer
 
 from swarm.client._sync import run_sync
 from swarm.client.remote_model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
@@ -92,6 +96,8 @@ class BenchResult:
     clients: int
     concurrent_tokens_per_s: float  # all clients together
     concurrency_ratio: float  # / one session's tokens/s
+    headless_steps_per_s: float  # the same sessions' steps without the clients' LM heads (`headless_session`)
+    headless_concurrency_ratio: float  # / one such session's
     speculative_tokens_per_s: float
     speculative_ratio: float  # / plain decoding through the swarm
     draft_acceptance: float
@@ -115,6 +121,8 @@ class BenchResult:
              f"{self.ttft_ratio:.2f}x"),
             (f"{self.clients} concurrent sessions, tokens/s", "", f"{self.concurrent_tokens_per_s:.1f}",
              f"{self.concurrency_ratio:.2f}x one session"),
+            ("  the same without the LM heads, steps/s", "", f"{self.headless_steps_per_s:.1f}",
+             f"{self.headless_concurrency_ratio:.2f}x one session"),
             ("speculative decoding, tokens/s", "", f"{self.speculative_tokens_per_s:.1f}",
              f"{self.speculative_ratio:.2f}x plain (acceptance {self.draft_acceptance:.0%}, tokens "
              f"{'equal' if self.speculative_tokens_equal_local else 'DIFFER'})"),
@@ -180,8 +188,10 @@ def _measure(
     prompt: torch.Tensor,
     swarm: LocalSwarm | None,
 ) -> BenchResult:
-    def greedy(generator: Callable[..., torch.Tensor]) -> Callable[[int], torch.Tensor]:
-        return lambda count: generator(prompt, max_new_tokens=count, do_sample=False, eos_token_id=None)
+    def greedy(generator: Callable[..., torch.Tensor]) -> Callable[[int, BaseStreamer], torch.Tensor]:
+        return lambda count, streamer: generator(
+            prompt, max_new_tokens=count, do_sample=False, eos_token_id=None, streamer=streamer
+        )
 
     local_timing = time_generate(greedy(local.generate), options.new_tokens, options.repeats)
     swarm_timing = time_generate(greedy(model.generate), options.new_tokens, options.repeats)
@@ -196,6 +206,13 @@ def _measure(
     )
     single = statistics.median(
         _concurrent_tokens_per_second(model, prompt, options.new_tokens, 1) for _ in range(options.repeats)
+    )
+    headless, headless_single = (
+        statistics.median(
+            _concurrent_tokens_per_second(model, prompt, options.new_tokens, clients, headless_session)
+            for _ in range(options.repeats)
+        )
+        for clients in (options.clients, 1)
     )
     speculative_seconds, acceptance, speculative_equal = [], 0.0, True
     for _ in range(options.repeats):
@@ -212,7 +229,7 @@ def _measure(
     ).to(options.device)
     whole = _prefill_seconds(model, long_prompt, 0, options.repeats)
     pipelined = _prefill_seconds(model, long_prompt, options.prefill_chunk, options.repeats)
-    plain_rate = options.new_tokens / (swarm_ttft + (options.new_tokens - 1) / swarm_rate)
+    plain_rate = options.new_tokens / swarm_timing.total_s  # whole calls, as the speculative ones are timed
     with torch.no_grad():
         local_logits = local(prompt).logits
     wire = [
@@ -233,6 +250,8 @@ def _measure(
         clients=options.clients,
         concurrent_tokens_per_s=concurrent,
         concurrency_ratio=concurrent / single,
+        headless_steps_per_s=headless,
+        headless_concurrency_ratio=headless / headless_single,
         speculative_tokens_per_s=speculative_rate,
         speculative_ratio=speculative_rate / plain_rate,
         draft_acceptance=acceptance,
@@ -256,42 +275,86 @@ def _described(options: BenchOptions) -> str:
 @dataclass(frozen=True, slots=True)
 class GenerationTiming:
     new_tokens: int  # N
-    ttft_s: float  # median time for one new token: the prompt's pass and one token
-    total_s: float  # median time for N new tokens
-    output: torch.Tensor  # the tokens of the last N-token run
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """(N - 1) / (time for N tokens - time for 1): the rate after the first token."""
-        return (self.new_tokens - 1) / max(self.total_s - self.ttft_s, 1e-9)
+    ttft_s: float  # median time from the call until the first new token reaches the caller (a streamer)
+    decode_tokens_per_s: float  # median (N - 1) / (time between the first and the last new token)
+    total_s: float  # median time of the whole call (with the session's opening and closing)
+    output: torch.Tensor  # the tokens of the last run
 
 
-def time_generate(generate: Callable[[int], torch.Tensor], new_tokens: int, repeats: int) -> GenerationTiming:
-    """Medians over `repeats` of `generate(1)` and `generate(new_tokens)`, after one warm-up run."""
-    generate(new_tokens)  # warm-up: allocations, routes, latency probes
-    first, full, output = [], [], None
+class TokenClock(BaseStreamer):
+    """A `generate` streamer that notes when each new token reaches the caller (as a streaming caller, such as the
+    OpenAI gateway, would send it on). generate's first `put` is the prompt."""
+
+    def __init__(self) -> None:
+        self.began = time.perf_counter()
+        self.token_times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt_seen:
+            self.token_times.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def time_generate(
+    generate: Callable[[int, BaseStreamer], torch.Tensor], new_tokens: int, repeats: int
+) -> GenerationTiming:
+    """Medians over `repeats` runs of `generate(new_tokens, streamer)`, after one warm-up run: the time to the
+    first token and the decode rate after it, as a caller streaming the tokens sees them."""
+    if new_tokens < 2:
+        raise ValueError("a decode rate needs at least 2 new tokens")
+    generate(new_tokens, TokenClock())  # warm-up: allocations, routes, latency probes
+    first, rates, totals, output = [], [], [], None
     for _ in range(repeats):
-        began = time.perf_counter()
-        generate(1)
-        first.append(time.perf_counter() - began)
-        began = time.perf_counter()
-        output = generate(new_tokens)
-        full.append(time.perf_counter() - began)
+        clock = TokenClock()
+        output = generate(new_tokens, clock)
+        totals.append(time.perf_counter() - clock.began)
+        times = clock.token_times
+        if len(times) != new_tokens:
+            raise RuntimeError(f"generate streamed {len(times)} tokens, not {new_tokens}")
+        first.append(times[0] - clock.began)
+        rates.append((new_tokens - 1) / max(times[-1] - times[0], 1e-9))
     assert output is not None
-    return GenerationTiming(new_tokens, statistics.median(first), statistics.median(full), output)
+    return GenerationTiming(
+        new_tokens, statistics.median(first), statistics.median(rates), statistics.median(totals), output
+    )
 
 
 def _concurrent_tokens_per_second(
-    model: DistributedModelForCausalLM, prompt: torch.Tensor, new_tokens: int, clients: int
+    model: DistributedModelForCausalLM,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    clients: int,
+    session: Callable[[DistributedModelForCausalLM, torch.Tensor, int], Awaitable[object]] | None = None,
 ) -> float:
-    """Tokens/s of `clients` greedy sessions decoding side by side (prompt included in the time)."""
+    """Tokens/s of `clients` greedy sessions (or other `session`s) decoding side by side (prompt included in the
+    time)."""
+    session = session or greedy_session
 
     async def all_sessions() -> float:
         began = time.perf_counter()
-        await asyncio.gather(*(greedy_session(model, prompt, new_tokens) for _ in range(clients)))
+        await asyncio.gather(*(session(model, prompt, new_tokens) for _ in range(clients)))
         return clients * new_tokens / (time.perf_counter() - began)
 
     return run_sync(all_sessions())
+
+
+async def headless_session(model: DistributedModelForCausalLM, prompt: torch.Tensor, new_tokens: int) -> None:
+    """The prompt and `new_tokens - 1` decode steps through the swarm without the client's LM head: every step
+    sends the prompt's last token again. The peers' work is that of greedy decoding (what the states hold does not
+    change its cost); the head, which in a real swarm runs on each user's own machine, here would share the cores
+    with the peers and the other sessions."""
+    session = InferenceSession(model.swarm, prompt.shape[1] + new_tokens)
+    try:
+        with torch.no_grad():
+            await session.step(model.client_modules.embed(prompt))
+            for _ in range(new_tokens - 1):
+                await session.step(model.client_modules.embed(prompt[:, -1:], session.position))
+    finally:
+        await session.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +372,11 @@ async def greedy_session(
     """`new_tokens` greedy tokens after `prompt`, one session step each (no `generate`): sessions started side by
     side reach the peers together, and the peers batch their decode steps."""
     session = InferenceSession(model.swarm, prompt.shape[1] + new_tokens, wire_compression=wire_compression)
+
+    def next_token(outputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # grad mode is per thread
+            return model.client_modules.logits(outputs).argmax(-1)
+
     try:
         with torch.no_grad():
             hidden = model.client_modules.embed(prompt)
@@ -317,7 +385,7 @@ async def greedy_session(
             began = time.perf_counter()
             for _ in range(new_tokens - 1):
                 outputs = await session.step(model.client_modules.embed(tokens[-1], session.position))
-                tokens.append(model.client_modules.logits(outputs.to(hidden)).argmax(-1))
+                tokens.append(await asyncio.to_thread(next_token, outputs.to(hidden)))
             return SessionRun(torch.cat([prompt, *tokens], dim=1), prompt_outputs, time.perf_counter() - began)
     finally:
         await session.close()

@@ -136,7 +136,11 @@ def test_bench_reports_every_figure_with_tokens_equal_local(tmp_path: Path) -> N
     result = json.loads(result_file.read_text())
     assert result["tokens_equal_local"] and result["speculative_tokens_equal_local"]
     assert (result["device"], result["dtype"]) == ("cpu", "float32")
-    for figure in ("swarm_decode_tokens_per_s", "swarm_ttft_s", "concurrent_tokens_per_s", "pipelined_prefill_s"):
+    figures = (
+        "swarm_decode_tokens_per_s", "swarm_ttft_s", "concurrent_tokens_per_s", "headless_steps_per_s",
+        "pipelined_prefill_s",
+    )  # fmt: skip
+    for figure in figures:
         assert result[figure] > 0, figure
     wire = {entry["compression"]: entry for entry in result["wire"]}
     assert set(wire) == {"none", "fp16", "8bit"}
