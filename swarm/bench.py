@@ -282,8 +282,8 @@ class GenerationTiming:
 
 
 class TokenClock(BaseStreamer):
-    """A `generate` streamer that notes when each new token reaches the caller (as a streaming caller, such as the
-    OpenAI gateway, would send it on). generate's first `put` is the prompt."""
+    """A `generate` streamer that notes when each new token reaches the caller, who could show it or send it on
+    at that moment. generate's first `put` is the prompt."""
 
     def __init__(self) -> None:
         self.began = time.perf_counter()

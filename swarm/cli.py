@@ -369,6 +369,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _decoded_tokens(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2: the decode rate is timed after the first, got {value}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -540,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--initial-peers", "--initial_peers", nargs="+", default=[], type=_multiaddr, metavar="MADDR",
         help="measure this swarm (default: start a loopback swarm here)")  # fmt: skip
     add("--peers", type=_positive_int, default=2, help="peers of the loopback swarm (default: %(default)s)")
-    add("--new-tokens", "--new_tokens", type=_positive_int, default=32, help="default: %(default)s")
+    add("--new-tokens", "--new_tokens", type=_decoded_tokens, default=32, help="default: %(default)s")
     add("--clients", type=_positive_int, default=8, help="concurrent sessions (default: %(default)s)")
     add("--repeats", type=_positive_int, default=3, help="runs per figure; medians are reported (default: %(default)s)")
     add("--num-threads", "--num_threads", type=_positive_int, default=1,

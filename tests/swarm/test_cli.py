@@ -310,6 +310,7 @@ def test_generate_refuses_a_model_without_tokenizer(tmp_path: Path) -> None:
         ["generate", "m", "--prompt", "x"],
         ["status", "m", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--max-new-tokens", "3"],
         ["demo", "--peers", "4"],
+        ["bench", "--new-tokens", "1"],  # the decode rate is timed after the first token
     ],
 )
 def test_parser_rejects_bad_flags(args: list[str]) -> None:
