@@ -344,22 +344,22 @@ class InferenceSession:
             )
             for span in route.spans
         ]
-        # every span's stream opens now, side by side; one that fails to open fails its first step instead, which
-        # routes around it
-        await asyncio.gather(
-            *(c.stream.open(self.swarm.config.request_timeout) for c in connections), return_exceptions=True
-        )
-        if history is not None:
-            hidden_states = history
-            try:
+        try:
+            # every span's stream opens now, side by side; one that fails to open fails its first step instead,
+            # which routes around it
+            await asyncio.gather(
+                *(c.stream.open(self.swarm.config.request_timeout) for c in connections), return_exceptions=True
+            )
+            if history is not None:
+                hidden_states = history
                 for connection in connections:
                     outputs = await self._send(connection, hidden_states, 0)
                     connection.inputs.append(hidden_states)
                     hidden_states = outputs
-            except BaseException:
-                for connection in connections:
-                    await connection.stream.abort()
-                raise
+        except BaseException:  # a failed replay, or cancelled (a session closed while opening): end what opened
+            for connection in connections:
+                await connection.stream.abort()
+            raise
         for connection in connections:
             self.swarm.record_success(connection.span.peer_id)
         return connections
