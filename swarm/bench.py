@@ -381,7 +381,7 @@ async def greedy_session(
         with torch.no_grad():
             hidden = model.client_modules.embed(prompt)
             prompt_outputs = (await session.step(hidden)).to(hidden)
-            tokens = [model.client_modules.logits(prompt_outputs[:, -1:]).argmax(-1)]
+            tokens = [await asyncio.to_thread(next_token, prompt_outputs[:, -1:])]
             began = time.perf_counter()
             for _ in range(new_tokens - 1):
                 outputs = await session.step(model.client_modules.embed(tokens[-1], session.position))
