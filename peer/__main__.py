@@ -107,6 +107,13 @@ def build_parser() -> configargparse.ArgumentParser:
     add("--debug-output-noise", "--debug_output_noise", type=float, default=0.0, help=configargparse.SUPPRESS)
     # benchmarks only, where no network emulation is available: milliseconds added to every inference step
     add("--debug-added-latency-ms", "--debug_added_latency_ms", type=float, default=0.0, help=configargparse.SUPPRESS)
+    add(
+        "--debug-added-peer-latency-ms",
+        "--debug_added_peer_latency_ms",
+        type=float,
+        default=0.0,
+        help=configargparse.SUPPRESS,
+    )
     return parser
 
 
@@ -153,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
             network_bandwidth=args.network_bandwidth,
             output_noise=args.debug_output_noise,
             added_latency=args.debug_added_latency_ms / 1000,
+            added_peer_latency=args.debug_added_peer_latency_ms / 1000,
         )
         logger.info("Starting with:\n%s", parser.format_values().rstrip())
         run_peer(config)

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from monitoring.peer_metrics import PeerMetrics
 from peer.config import PeerConfig, default_max_message_bytes
+from peer.forwarding import ForwardedSteps, IncomingStep, StepSource, forward_output
 from peer.kv_cache import KVCacheBudget
 from peer.runtime import BlockRuntime, RequestAdapters
 from swarm import messages
@@ -39,6 +40,7 @@ from swarm.protocol import (
     RPC_FORWARD_STREAM,
     RPC_INFERENCE,
     RPC_INFO,
+    RPC_PUSH,
     ErrorKind,
     ErrorReply,
     InferenceOpen,
@@ -145,9 +147,13 @@ class BlockHandler:
         metrics: PeerMetrics | None = None,
         swarm_key: SwarmKey | None = None,
         added_latency: float = 0.0,
+        added_peer_latency: float = 0.0,
     ):
         self.runtime = runtime
-        self.added_latency = added_latency  # benchmarks only: every inference step waits this long first
+        # benchmarks only, a network: a round trip with a client (the step waits half before it runs and its reply
+        # half after), and one with another peer (a forwarded step waits half before it runs)
+        self.added_latency = added_latency
+        self.added_peer_latency = added_peer_latency
         self.swarm_key = swarm_key  # a private swarm: every call must carry the caller's token
         self.budget = budget
         self.limits = limits
@@ -164,15 +170,19 @@ class BlockHandler:
         )  # fmt: skip
         self._peer_info = peer_info
         self._accepting_sessions = accepting_sessions
+        self.forwarded = ForwardedSteps()  # open sessions that take steps pushed by the previous span's peer
+        self._p2p: P2P | None = None  # to push steps on to the next span's peer
         self.metrics = metrics or PeerMetrics(CollectorRegistry())  # unexported when the peer serves no metrics
 
     async def add_p2p_handlers(self, p2p: P2P) -> None:
         """Register every RPC, each wrapped so that its outcome, latency and bytes are recorded (`_measured`)."""
+        self._p2p = p2p
         request_type = runtime_pb2.ExpertRequest
         for name, rpc, unary in [
             (RPC_INFO, "info", self.rpc_info),
             (RPC_FORWARD, "forward", self.rpc_forward),
             (RPC_BACKWARD, "backward", self.rpc_backward),
+            (RPC_PUSH, "push", self.rpc_push),
         ]:
             await p2p.add_protobuf_handler(name, self._measured(rpc, self._members_only(unary)), request_type)
         for name, rpc, stream in [
@@ -296,8 +306,12 @@ class BlockHandler:
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """One session: reserve cache, then answer each step with the blocks' output, until the stream closes."""
+        """One session: reserve cache, then answer each step with the blocks' output, until the stream closes.
+        Steps come from the client's stream and, when the session has an id, pushed by the previous span's peer
+        (peer/forwarding.py); numbered steps run once and in order."""
         peer = short_id(context.remote_id)
+        steps: StepSource | None = None
+        session_open: InferenceOpen | None = None
         try:
             first = await self._next_request(requests)
             if first is None:
@@ -309,6 +323,7 @@ class BlockHandler:
             span = self._span(session_open.start, session_open.end)
             self._check_session(session_open)
             with self.sessions.hold(context.remote_id), self.budget.reserve(session_open.cache_tokens):
+                steps = StepSource(requests, self._forwarded_inbox(session_open))
                 tensors = messages.tensors_of(first)
                 if not tensors:
                     raise _Refusal(ErrorKind.BAD_REQUEST, "expected the hidden states, got no tensor")
@@ -319,23 +334,65 @@ class BlockHandler:
                     adapters = adapters.on(span.device, span.dtype)  # once: every step of the session applies them
                 logger.debug("Session from %s opened: blocks %d:%d", peer, session_open.start, session_open.end)
                 cache = span.new_cache(session_open.max_length)
-                request: runtime_pb2.ExpertRequest | None = first
-                while request is not None:
-                    if request is not first:
-                        (hidden_states,) = self._expect_tensors(messages.tensors_of(request), 1)
-                        metadata = messages.unpack_metadata(request.metadata)
+                incoming: IncomingStep | None = IncomingStep(first, forwarded=False)
+                next_step = 0  # the number of the session's next numbered step
+                while incoming is not None:
+                    if incoming.request is not first:
+                        metadata = messages.unpack_metadata(incoming.request.metadata)
                     step = InferenceStep.from_wire(metadata)
+                    if 0 <= step.step < next_step:  # arrived both forwarded and from the client: ran already
+                        incoming = await self._next_step(steps)
+                        continue
+                    if step.step > next_step:
+                        raise ProtocolError(f"step {step.step} came before step {next_step}")
+                    if step.step >= 0:
+                        next_step += 1
+                    if incoming.request is not first:
+                        (hidden_states,) = self._expect_tensors(messages.tensors_of(incoming.request), 1)
                     cache = self._rewound(span, cache, step.position, session_open.max_length)
-                    if self.added_latency:
-                        await asyncio.sleep(self.added_latency)
+                    await _network_delay((self.added_peer_latency if incoming.forwarded else self.added_latency) / 2)
                     outputs = await self._inference_step(span, cache, session_open, step, hidden_states, adapters)
-                    yield messages.response([outputs], compression=session_open.compression)
-                    request = await self._next_request(requests)
+                    forwarded = bool(step.forward_to) and await self._send_on(step, session_open, outputs)
+                    await _network_delay(self.added_latency / 2)
+                    yield messages.response(
+                        [outputs], {"forwarded": True} if forwarded else None, session_open.compression
+                    )
+                    incoming = await self._next_step(steps)
                 logger.debug("Session from %s closed", peer)
         except _Refusal as e:
             yield messages.error_response(e.reply)
         except Exception as e:
             yield messages.error_response(self._classify(e, peer))
+        finally:
+            if steps is not None:
+                steps.close()
+                if session_open is not None and session_open.session:
+                    self.forwarded.close(session_open.session)
+
+    def _forwarded_inbox(self, session_open: InferenceOpen) -> asyncio.Queue[runtime_pb2.ExpertRequest] | None:
+        if not session_open.session:
+            return None
+        try:
+            return self.forwarded.open(session_open.session)
+        except ValueError as e:
+            raise _Refusal(ErrorKind.BAD_REQUEST, str(e)) from None
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A step of one of this peer's sessions, sent on by the peer of the span before (peer/forwarding.py)."""
+        try:
+            self._check_size(request.ByteSize(), "a forwarded step")
+        except _Refusal as e:
+            return messages.error_response(e.reply)
+        error = self.forwarded.take(request)
+        return runtime_pb2.ExpertResponse() if error is None else messages.error_response(error)
+
+    async def _send_on(self, step: InferenceStep, session_open: InferenceOpen, outputs: torch.Tensor) -> bool:
+        if self._p2p is None:
+            return False
+        return await forward_output(
+            self._p2p, self.swarm_key, step.forward_to, step.position, outputs, session_open.compression,
+            self.forwarded,
+        )  # fmt: skip
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         return await self._answer(request, context, self._forward)
@@ -487,6 +544,15 @@ class BlockHandler:
             raise ProtocolError(f"{len(tensors)} extra tensor(s) without a 'lora' header")
         return None if lora is None and prompts is None else RequestAdapters(lora, prompts)
 
+    async def _next_step(self, steps: StepSource) -> IncomingStep | None:
+        try:
+            incoming = await steps.next(self.limits.session_idle_timeout)
+        except TimeoutError:
+            raise _Refusal(ErrorKind.BAD_REQUEST, "session idle for too long; closed") from None
+        if incoming is not None:
+            self._check_size(incoming.request.ByteSize(), "an inference step")
+        return incoming
+
     async def _next_request(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest]
     ) -> runtime_pb2.ExpertRequest | None:
@@ -587,6 +653,11 @@ class BlockHandler:
 
 
 _NOT_A_MEMBER = ErrorReply(ErrorKind.UNAUTHORIZED, "this peer serves a private swarm; join it with its --swarm-key")
+
+
+async def _network_delay(seconds: float) -> None:
+    if seconds:
+        await asyncio.sleep(seconds)
 
 
 def _status_of(response: runtime_pb2.ExpertResponse) -> str:

@@ -8,6 +8,7 @@ evenly), so the figures measure this implementation's overhead, not a network. I
 `--repeats` runs:
 
   * decode tokens/s of greedy generation through the swarm and locally (`transformers` generate), and the ratio;
+    and through the swarm with forwarding between peers off (`ClientConfig.forward_steps`);
   * time to first token (until the first new token reaches a streaming caller) through the swarm and locally,
     and the ratio;
   * aggregate decode tokens/s of `--clients` concurrent sessions, and its ratio to one session; and the same
@@ -19,7 +20,9 @@ evenly), so the figures measure this implementation's overhead, not a network. I
   * for each wire compression (none, fp16, 8bit): decode tokens/s, the error of the prompt's logits against the
     local model's, and whether the greedy tokens stay equal.
 
-`--device cuda --dtype bfloat16` runs the local model, the client's own parts and the loopback peers there.
+`--added-latency-ms` and `--peer-latency-ms` give the loopback peers a network's round trips, with the client
+and between peers (the peers wait them out around each step). `--device cuda --dtype bfloat16` runs the local
+model, the client's own parts and the loopback peers there.
 Plain greedy tokens through the swarm must equal the local model's (else exit code 1); speculative and lossy-wire
 tokens are compared and reported.
 """
@@ -27,11 +30,13 @@ tokens are compared and reported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,7 +71,10 @@ class BenchOptions:
     draft_tokens: int
     long_prompt: int  # tokens of the prompt whose prefill is timed pipelined and whole
     prefill_chunk: int
-    added_latency_ms: float = 0.0  # loopback swarm only: each peer's inference steps wait this long (a network)
+    # loopback swarm only, a network: the round trip of an inference step between the client and a peer, and
+    # between two peers (a step one forwards to the next)
+    added_latency_ms: float = 0.0
+    peer_latency_ms: float = 0.0
     device: str = "cpu"  # of the local model, the client's parts and the loopback peers
     dtype: str = "auto"  # likewise; auto: bfloat16 on GPUs, float32 on CPUs
 
@@ -90,6 +98,8 @@ class BenchResult:
     local_decode_tokens_per_s: float
     swarm_decode_tokens_per_s: float
     decode_ratio: float  # swarm / local
+    unforwarded_decode_tokens_per_s: float  # the swarm's decode with each step sent to every span by the client
+    forwarding_ratio: float  # swarm decode (peers forward steps to each other) / unforwarded
     local_ttft_s: float
     swarm_ttft_s: float
     ttft_ratio: float  # swarm / local
@@ -117,6 +127,8 @@ class BenchResult:
         rows = [
             ("decode tokens/s", f"{self.local_decode_tokens_per_s:.1f}", f"{self.swarm_decode_tokens_per_s:.1f}",
              f"{self.decode_ratio:.2f}x"),
+            ("  without forwarding between peers", "", f"{self.unforwarded_decode_tokens_per_s:.1f}",
+             f"forwarding: {self.forwarding_ratio:.2f}x"),
             ("time to first token", f"{self.local_ttft_s * 1000:.0f} ms", f"{self.swarm_ttft_s * 1000:.0f} ms",
              f"{self.ttft_ratio:.2f}x"),
             (f"{self.clients} concurrent sessions, tokens/s", "", f"{self.concurrent_tokens_per_s:.1f}",
@@ -162,6 +174,7 @@ def run_bench(options: BenchOptions) -> BenchResult:
                 start_timeout=START_TIMEOUT_SECONDS,
                 peer_args=[
                     *("--debug-added-latency-ms", str(options.added_latency_ms)),
+                    *("--debug-added-peer-latency-ms", str(options.peer_latency_ms)),
                     *("--device", options.device, "--dtype", str(dtype).removeprefix("torch.")),
                 ],
             ).start()
@@ -195,10 +208,12 @@ def _measure(
 
     local_timing = time_generate(greedy(local.generate), options.new_tokens, options.repeats)
     swarm_timing = time_generate(greedy(model.generate), options.new_tokens, options.repeats)
+    with _client_config(model, forward_steps=False):
+        unforwarded = time_generate(greedy(model.generate), options.new_tokens, options.repeats)
     local_ttft, local_rate = local_timing.ttft_s, local_timing.decode_tokens_per_s
     swarm_ttft, swarm_rate = swarm_timing.ttft_s, swarm_timing.decode_tokens_per_s
     expected = local_timing.output
-    equal = torch.equal(swarm_timing.output, expected)
+    equal = torch.equal(swarm_timing.output, expected) and torch.equal(unforwarded.output, expected)
 
     concurrent = statistics.median(
         _concurrent_tokens_per_second(model, prompt, options.new_tokens, options.clients)
@@ -244,6 +259,8 @@ def _measure(
         local_decode_tokens_per_s=local_rate,
         swarm_decode_tokens_per_s=swarm_rate,
         decode_ratio=swarm_rate / local_rate,
+        unforwarded_decode_tokens_per_s=unforwarded.decode_tokens_per_s,
+        forwarding_ratio=swarm_rate / unforwarded.decode_tokens_per_s,
         local_ttft_s=local_ttft,
         swarm_ttft_s=swarm_ttft,
         ttft_ratio=swarm_ttft / local_ttft,
@@ -268,8 +285,24 @@ def _measure(
 
 
 def _described(options: BenchOptions) -> str:
-    latency = f" (each step delayed {options.added_latency_ms:g} ms)" if options.added_latency_ms else ""
+    latency = ""
+    if options.added_latency_ms or options.peer_latency_ms:
+        latency = (
+            f" (added round trips: {options.added_latency_ms:g} ms with the client, "
+            f"{options.peer_latency_ms:g} ms between peers)"
+        )
     return f"a loopback swarm of {options.peers} peers{latency}"
+
+
+@contextlib.contextmanager
+def _client_config(model: DistributedModelForCausalLM, **changes: object) -> Iterator[None]:
+    """The model's sessions opened meanwhile use the client config with `changes`."""
+    saved = model.swarm.config
+    model.swarm.config = dataclasses.replace(saved, **changes)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        model.swarm.config = saved
 
 
 @dataclass(frozen=True, slots=True)

@@ -348,6 +348,7 @@ def run_bench(args: argparse.Namespace) -> int:
         long_prompt=args.long_prompt,
         prefill_chunk=args.prefill_chunk,
         added_latency_ms=args.added_latency_ms,
+        peer_latency_ms=args.added_latency_ms if args.peer_latency_ms is None else args.peer_latency_ms,
         device=args.device,
         dtype=args.dtype,
     )
@@ -560,7 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prefill-chunk", "--prefill_chunk", type=_positive_int, default=128,
         help="chunk of the pipelined prefill (default: %(default)s)")  # fmt: skip
     add("--added-latency-ms", "--added_latency_ms", type=float, default=0.0,
-        help="delay every inference step on the loopback peers, as a network would (default: %(default)s)")  # fmt: skip
+        help="round trip between the client and each loopback peer, added to every inference step, as a network "
+             "would (default: %(default)s)")  # fmt: skip
+    add("--peer-latency-ms", "--peer_latency_ms", type=float, default=None,
+        help="round trip between two loopback peers, added to every step one forwards to the other "
+             "(default: --added-latency-ms)")  # fmt: skip
     add("--device", default="cpu", help="of the local model, the client and the loopback peers (default: %(default)s)")
     add(
         "--dtype", default="auto", help="likewise: auto (bfloat16 on GPUs, float32 on CPUs), bfloat16, float16, float32"

@@ -32,6 +32,7 @@ class ClientConfig:
     trusted_peers: tuple[str, ...] = ()  # peer ids that alone may run the first and last blocks (privacy)
     prefill_chunk_tokens: int = 128  # a longer prompt flows down the route in chunks, every peer busy at once; 0: off
     wire_compression: str = "none"  # hidden states to and from peers: "none" (exact), "fp16" or "8bit" (lossy)
+    forward_steps: bool = True  # each span's peer sends a step's output straight on to the next span's peer
 
     def __post_init__(self) -> None:
         if not self.initial_peers:

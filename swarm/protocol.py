@@ -11,7 +11,13 @@ RPCs (hivemind P2P protobuf handlers; requests are `ExpertRequest`, replies `Exp
                                       the peer keeps the session's KV cache until the stream closes; the first
                                       message may carry a LoRA adapter and deep prompts as RPC_FORWARD does
                                       (tensors [hidden, *lora, prompts]), applied to every step of the session;
-                                      a step that starts before the cached tokens' end rolls the cache back to it
+                                      a step that starts before the cached tokens' end rolls the cache back to it;
+                                      a step with `forward_to` is also sent on by the peer to the first target's
+                                      peer (RPC_PUSH, with the other targets), and its reply says
+                                      `{"forwarded": true}` when that peer took it
+  * RPC_PUSH        unary            `ForwardedStep`, tensors [hidden]  -> empty reply (taken) or an error; the
+                                      receiving peer runs it as the next step of the session `session` names and
+                                      answers it on that session's stream, as if the client had sent it
   * RPC_FORWARD     unary or stream  `SpanRequest`, tensors [hidden, *lora]            -> [hidden]
   * RPC_BACKWARD    unary or stream  `SpanRequest`, tensors [hidden, grad_out, *lora]  -> [grad_in, *grad_lora]
                                       with `{"lora": LoraHeader}` in the metadata, the caller's LoRA adapter for
@@ -44,6 +50,7 @@ RPC_FORWARD = "blockswarm.forward"
 RPC_FORWARD_STREAM = "blockswarm.forward_stream"
 RPC_BACKWARD = "blockswarm.backward"
 RPC_BACKWARD_STREAM = "blockswarm.backward_stream"
+RPC_PUSH = "blockswarm.push"
 
 # How activations (hidden states and their gradients) may travel, chosen by the client per session or call; the
 # peer answers in kind (swarm/compression.py): "none" is exact, "fp16" halves float32, "8bit" quarters it
@@ -51,6 +58,8 @@ WIRE_COMPRESSIONS = ("none", "fp16", "8bit")
 
 MAX_UNARY_PAYLOAD_BYTES = 4 * 1024 * 1024 - 64 * 1024  # hivemind's unary cap is 4 MiB; keep room for metadata
 STREAM_CHUNK_BYTES = 2 * 1024 * 1024
+MAX_SESSION_ID_CHARS = 64
+MAX_FORWARD_TARGETS = 64  # spans after one that a step may be forwarded through
 
 
 def block_key(model_prefix: str, block_index: int) -> str:
@@ -207,13 +216,18 @@ class InferenceOpen:
     max_length: int  # tokens per sequence the session may reach
     batch_size: int
     compression: str = "none"  # how the session's hidden states travel both ways (WIRE_COMPRESSIONS)
+    # a random id the client tells the previous span's peer only, which then forwards steps to this session
+    # (RPC_PUSH); empty: no step is forwarded to it
+    session: str = ""
 
     def __post_init__(self) -> None:
-        _check_types(self, start=int, end=int, max_length=int, batch_size=int)
+        _check_types(self, start=int, end=int, max_length=int, batch_size=int, session=str)
         _check_span(self.start, self.end)
         _check_compression(self.compression)
         if self.max_length <= 0 or self.batch_size <= 0:
             raise ValueError("max_length and batch_size must be positive")
+        if len(self.session) > MAX_SESSION_ID_CHARS:
+            raise ValueError(f"session id longer than {MAX_SESSION_ID_CHARS} characters")
 
     @property
     def cache_tokens(self) -> int:
@@ -228,22 +242,89 @@ class InferenceOpen:
 
 
 @dataclass(frozen=True, slots=True)
-class InferenceStep:
-    """One step of an inference stream: the hidden states it carries start at token `position`."""
+class ForwardTarget:
+    """Where a peer sends a step's output on, besides answering it: the next span's peer, the client's session
+    there (`InferenceOpen.session`), and the number the step has in that session."""
 
-    position: int
+    peer_id: str
+    session: str
+    step: int
 
     def __post_init__(self) -> None:
-        _check_types(self, position=int)
-        if self.position < 0:
-            raise ValueError("position must be non-negative")
+        _check_types(self, peer_id=str, session=str, step=int)
+        if not self.session or self.step < 0:
+            raise ValueError("a forward target needs a session id and a step number >= 0")
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
+    def from_wire(cls, value: Any) -> ForwardTarget:
+        return _from_wire(cls, value, "forward target")
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceStep:
+    """One step of an inference stream: the hidden states it carries start at token `position`.
+
+    `step` numbers the session's steps from 0 (-1: unnumbered). A numbered step the session has already run is
+    dropped without a reply: a step can reach a peer twice, forwarded by the previous span's peer and sent by the
+    client when it was told the forwarding failed."""
+
+    position: int
+    step: int = -1
+    # the spans after this one that get the step from their previous span's peer (RPC_PUSH), in route order: this
+    # peer sends its output on to the first, with the rest
+    forward_to: tuple[ForwardTarget, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_types(self, position=int, step=int)
+        if self.position < 0:
+            raise ValueError("position must be non-negative")
+        object.__setattr__(self, "forward_to", _forward_targets(self.forward_to))
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"position": self.position, "step": self.step}
+        if self.forward_to:
+            wire["forward_to"] = [target.to_wire() for target in self.forward_to]
+        return wire
+
+    @classmethod
     def from_wire(cls, value: Any) -> InferenceStep:
         return _from_wire(cls, value, "inference step")
+
+
+def _forward_targets(value: Any) -> tuple[ForwardTarget, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_FORWARD_TARGETS:
+        raise ValueError(f"forward_to must be a list of at most {MAX_FORWARD_TARGETS} forward targets")
+    return tuple(t if isinstance(t, ForwardTarget) else ForwardTarget.from_wire(t) for t in value)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardedStep:
+    """Metadata of RPC_PUSH: a step of session `session` that the previous span's peer sends on; the session reads
+    it as an `InferenceStep` (the same keys)."""
+
+    session: str
+    position: int
+    step: int
+    forward_to: tuple[ForwardTarget, ...] = ()  # where the receiving peer sends its own output on
+
+    def __post_init__(self) -> None:
+        _check_types(self, session=str, position=int, step=int)
+        if not self.session or self.position < 0 or self.step < 0:
+            raise ValueError("a forwarded step needs a session id, a position >= 0 and a step number >= 0")
+        object.__setattr__(self, "forward_to", _forward_targets(self.forward_to))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "session": self.session, "position": self.position, "step": self.step,
+            "forward_to": [target.to_wire() for target in self.forward_to],
+        }  # fmt: skip
+
+    @classmethod
+    def from_wire(cls, value: Any) -> ForwardedStep:
+        return _from_wire(cls, value, "forwarded step")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,5 @@
-"""What a client sees of the swarm, as Prometheus metrics: time to first token, inter-token latency, reroutes,
-spot checks.
+"""What a client sees of the swarm, as Prometheus metrics: time to first token, inter-token latency, forwarded
+steps, reroutes, spot checks.
 
 They live in prometheus_client's default registry, as a library's metrics do: an application exports them with
 `prometheus_client.start_http_server(port)` (or its own `/metrics` route, as the HTTP gateway does) and gets
@@ -33,6 +33,11 @@ class ClientMetrics:
             f"{NAMESPACE}_inter_token_seconds",
             "Between the outputs of consecutive one-token steps of a session, client-side work included",
             buckets=INTER_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.forwarded_steps = Counter(
+            f"{NAMESPACE}_forwarded_steps_total",
+            "Steps a span's peer received from the previous span's peer instead of from this client",
             registry=registry,
         )
         self.reroutes = Counter(

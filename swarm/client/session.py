@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ from swarm.client.metrics import client_metrics
 from swarm.client.remote_blocks import ModelAdapters, check_forward
 from swarm.client.routing import Route, RouteSpan
 from swarm.client.swarm_client import SwarmClient
-from swarm.client.transport import InferenceStream
+from swarm.client.transport import InferenceStream, StepReply
 from swarm.client.verification import CheckSchedule
 from swarm.compression import in_compute_dtype
 from swarm.config import check_wire_compression
@@ -42,7 +43,7 @@ from swarm.errors import (
     SwarmError,
 )
 from swarm.logs import short_id
-from swarm.protocol import InferenceOpen
+from swarm.protocol import ForwardTarget, InferenceOpen
 
 logger = logging.getLogger(__name__)
 
@@ -132,17 +133,28 @@ class InferenceSession:
                 self._record_timing(began, seq)
                 return outputs
         index = 0
+        checked: dict[int, bool] = {}  # by id of a connection: whether this step of it is spot-checked
+        sent_at: float | None = None  # the step was forwarded to this span; the client sent it to a span before then
         while index < len(self._connections):
             connection = self._connections[index]
             try:
-                outputs = await self._send(connection, hidden_states, self.position)
-                if connection.checks.due():
-                    await self._check(connection, hidden_states, outputs)
+                if sent_at is not None:
+                    reply = await self._receive_forwarded(connection, hidden_states, sent_at)
+                else:
+                    sent_at = time.perf_counter()
+                    reply = await self._send(
+                        connection, hidden_states, self.position, self._forward_targets(index, checked)
+                    )
+                if not reply.forwarded:
+                    sent_at = None
+                if self._checked(connection, checked):
+                    await self._check(connection, hidden_states, reply.outputs)
             except RETRYABLE_ERRORS as e:
                 await self._replace(index, e)
+                sent_at = None
                 continue  # the same step, through the replacement
             connection.inputs.append(hidden_states)
-            hidden_states = outputs
+            hidden_states = reply.outputs
             index += 1
         self.position += seq
         self._record_timing(began, seq)
@@ -199,7 +211,7 @@ class InferenceSession:
                     if part is None:
                         return  # a span before this one failed
                     received[index].append(part)
-                    queues[index + 1].put_nowait(await self._send(connection, part, position))
+                    queues[index + 1].put_nowait((await self._send(connection, part, position)).outputs)
                     position += part.shape[1]
             except BaseException:
                 queues[index + 1].put_nowait(None)
@@ -247,18 +259,60 @@ class InferenceSession:
         await asyncio.gather(*(connection.stream.close() for connection in self._connections))
         self._connections = []
 
-    async def _send(self, connection: _SpanConnection, hidden_states: torch.Tensor, position: int) -> torch.Tensor:
+    async def _send(
+        self,
+        connection: _SpanConnection,
+        hidden_states: torch.Tensor,
+        position: int,
+        forward_to: tuple[ForwardTarget, ...] = (),
+    ) -> StepReply:
         timeout = self._step_timeout(connection, hidden_states.shape[1])
         began = time.perf_counter()
         try:
-            outputs = await connection.stream.step(
-                in_compute_dtype(hidden_states, connection.span.dtype), position, timeout
+            reply = await connection.stream.step(
+                in_compute_dtype(hidden_states, connection.span.dtype), position, timeout, forward_to
             )
         except PeerTimeout as e:
             raise PeerTimeout(connection.span.peer_id, f"no answer to a step within {timeout:.1f} s") from e
         if hidden_states.shape[1] == 1:
             connection.recent_step_seconds.append(time.perf_counter() - began)
-        return outputs
+        return reply
+
+    @staticmethod
+    def _checked(connection: _SpanConnection, checked: dict[int, bool]) -> bool:
+        """Whether this step of `connection` is spot-checked, drawn once per step."""
+        if id(connection) not in checked:
+            checked[id(connection)] = connection.checks.due()
+        return checked[id(connection)]
+
+    def _forward_targets(self, index: int, checked: dict[int, bool]) -> tuple[ForwardTarget, ...]:
+        """The spans after `index` that get this step from their previous span's peer: each next one while its
+        session is open on its peer, up to one whose predecessor's output is spot-checked first (the next span
+        must not run on an output before its check)."""
+        if not self.swarm.config.forward_steps:
+            return ()
+        targets = []
+        for previous, following in zip(self._connections[index:-1], self._connections[index + 1 :], strict=True):
+            if self._checked(previous, checked) or not following.stream.takes_forwarded_steps:
+                break
+            targets.append(following.stream.forward_target())
+        return tuple(targets)
+
+    async def _receive_forwarded(
+        self, connection: _SpanConnection, hidden_states: torch.Tensor, sent_at: float
+    ) -> StepReply:
+        """The reply to a step that the previous span's peer forwarded to this span's peer. Its duration counts
+        from when the client sent the step to an earlier span (longer than this span's own share: the hang
+        timeout it feeds stays on the lenient side)."""
+        timeout = self._step_timeout(connection, hidden_states.shape[1])
+        try:
+            reply = await connection.stream.forwarded_step(hidden_states.shape[:2], timeout)
+        except PeerTimeout as e:
+            raise PeerTimeout(connection.span.peer_id, f"no answer to a forwarded step within {timeout:.1f} s") from e
+        if hidden_states.shape[1] == 1:
+            connection.recent_step_seconds.append(time.perf_counter() - sent_at)
+        self._metrics.forwarded_steps.inc()
+        return reply
 
     async def _check(self, connection: _SpanConnection, hidden_states: torch.Tensor, outputs: torch.Tensor) -> None:
         """Spot-check this step: an independent route recomputes the span over its whole input so far.
@@ -338,7 +392,14 @@ class InferenceSession:
                 stream=InferenceStream(
                     p2p,
                     span.peer_id,
-                    InferenceOpen(span.start, span.end, self.max_length, self._batch_size, self.wire_compression),
+                    InferenceOpen(
+                        span.start,
+                        span.end,
+                        self.max_length,
+                        self._batch_size,
+                        self.wire_compression,
+                        session=secrets.token_hex(16) if self.swarm.config.forward_steps else "",
+                    ),
                     None if self.adapters is None else self.adapters.for_span(span.start, span.end),
                 ),
             )
@@ -353,7 +414,7 @@ class InferenceSession:
             if history is not None:
                 hidden_states = history
                 for connection in connections:
-                    outputs = await self._send(connection, hidden_states, 0)
+                    outputs = (await self._send(connection, hidden_states, 0)).outputs
                     connection.inputs.append(hidden_states)
                     hidden_states = outputs
         except BaseException:  # a failed replay, or cancelled (a session closed while opening): end what opened

@@ -41,6 +41,7 @@ from swarm.protocol import (
     RPC_INFO,
     ErrorKind,
     ErrorReply,
+    ForwardTarget,
     InferenceOpen,
     InferenceStep,
     LoraHeader,
@@ -191,8 +192,17 @@ async def _call_span(
         return outputs
 
 
+@dataclass(frozen=True)
+class StepReply:
+    outputs: torch.Tensor
+    forwarded: bool  # the peer also sent the outputs on to the next span's peer, which took them
+
+
 class InferenceStream:
-    """One open inference session with one peer over blocks [start, end); the peer holds its KV cache."""
+    """One open inference session with one peer over blocks [start, end); the peer holds its KV cache.
+
+    Its steps are numbered (`InferenceStep.step`), those the previous span's peer forwards to it included
+    (peer/forwarding.py)."""
 
     def __init__(self, p2p: P2P, peer_id: str, session_open: InferenceOpen, adapters: SpanAdapters | None = None):
         self.p2p = p2p
@@ -202,6 +212,7 @@ class InferenceStream:
         self._requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
         self._replies: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
         self._sent_open = False  # the first step carries the session's opening (and its adapters)
+        self.steps = 0  # steps sent or forwarded to it so far: the next one's number
 
     async def open(self, timeout: float) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Open the libp2p stream, once, before or with the first step (a session opens all its spans' streams
@@ -217,9 +228,21 @@ class InferenceStream:
             )
         return self._replies
 
-    async def step(self, hidden: torch.Tensor, position: int, timeout: float) -> torch.Tensor:
-        """Send hidden states that start at `position`; return the blocks' output."""
-        metadata = {**InferenceStep(position).to_wire()}
+    @property
+    def takes_forwarded_steps(self) -> bool:
+        """Whether the previous span's peer can forward steps to it: its session is open on the peer."""
+        return self._sent_open and bool(self.session_open.session)
+
+    def forward_target(self) -> ForwardTarget:
+        """Where the previous span's peer sends the next step."""
+        return ForwardTarget(self.peer_id, self.session_open.session, self.steps)
+
+    async def step(
+        self, hidden: torch.Tensor, position: int, timeout: float, forward_to: tuple[ForwardTarget, ...] = ()
+    ) -> StepReply:
+        """Send hidden states that start at `position`; return the blocks' output. With `forward_to`, the peer
+        also sends the output on to the next span's peer (which sends its own on to the rest)."""
+        metadata = InferenceStep(position, self.steps, forward_to).to_wire()
         tensors = [hidden]
         if not self._sent_open:
             metadata["open"] = self.session_open.to_wire()
@@ -230,13 +253,26 @@ class InferenceStream:
             replies = await self.open(timeout)
             self._requests.put_nowait(messages.request(tensors, metadata, self.session_open.compression))
             self._sent_open = True
-            reply = await asyncio.wait_for(anext(replies), timeout)
-            metadata = messages.unpack_metadata(reply.metadata)
-            raise_for_error(self.peer_id, messages.error_of(metadata))
-            (outputs,) = messages.tensors_of(reply)
-            if outputs.shape[:2] != hidden.shape[:2]:
-                raise ProtocolError(f"reply of shape {list(outputs.shape)} for a step of shape {list(hidden.shape)}")
-            return outputs
+            self.steps += 1
+            return await self._reply(replies, hidden.shape[:2], timeout)
+
+    async def forwarded_step(self, shape: torch.Size, timeout: float) -> StepReply:
+        """The reply to the step of [batch, seq] `shape` that the previous span's peer forwarded to this one."""
+        with map_p2p_errors(self.peer_id):
+            replies = await self.open(timeout)
+            self.steps += 1
+            return await self._reply(replies, shape, timeout)
+
+    async def _reply(
+        self, replies: AsyncIterator[runtime_pb2.ExpertResponse], shape: torch.Size, timeout: float
+    ) -> StepReply:
+        reply = await asyncio.wait_for(anext(replies), timeout)
+        metadata = messages.unpack_metadata(reply.metadata)
+        raise_for_error(self.peer_id, messages.error_of(metadata))
+        (outputs,) = messages.tensors_of(reply)
+        if outputs.shape[:2] != shape:
+            raise ProtocolError(f"reply of shape {list(outputs.shape)} for a step of shape {list(shape)}")
+        return StepReply(outputs, metadata.get("forwarded") is True)
 
     async def abort(self) -> None:
         """Give up on the stream without waiting for the peer (used once it is known to have failed); closing the

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from swarm import DistributedModelForCausalLM
 from swarm.client._sync import run_sync
+from swarm.client.metrics import client_metrics
 from swarm.client.session import InferenceSession
 from swarm.client.verification import CheckSchedule
 from swarm.errors import ConfigError
@@ -178,3 +181,28 @@ def test_a_session_opened_ahead_and_never_stepped_closes(
     assert session.route is None
     with pytest.raises(ConfigError, match="closed"):
         run_sync(session.step(torch.zeros(1, 1, distributed.config.hidden_size)))
+
+
+@pytest.mark.parametrize("forward_steps", [True, False], ids=["forwarded", "unforwarded"])
+def test_peers_forward_decode_steps_to_the_next_span(
+    swarm_and_local: tuple[DistributedModelForCausalLM, torch.nn.Module],
+    monkeypatch: pytest.MonkeyPatch,
+    forward_steps: bool,
+) -> None:
+    """With `forward_steps` each span's peer sends a decode step's output straight on to the next span's peer,
+    which answers the client: every decode step reaches every span after the first that way. The prompt's step is
+    sent by the client (the next sessions open with it). Tokens equal local either way."""
+    distributed, local = swarm_and_local
+    monkeypatch.setattr(CheckSchedule, "due", lambda schedule: False)  # a checked step is never forwarded
+    monkeypatch.setattr(distributed.swarm, "config", replace(distributed.swarm.config, forward_steps=forward_steps))
+    forwarded = client_metrics().forwarded_steps
+    prompt, new_tokens = _prompts(batch=2, length=6, seed=11), 9
+    expected = local.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+    before = forwarded._value.get()
+    with distributed.inference_session(max_length=prompt.shape[1] + new_tokens) as session:
+        output = distributed.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+        assert session.route is not None and session.reroutes == 0
+        spans = len(session.route.spans)
+    assert torch.equal(output, expected)
+    assert spans >= 2
+    assert forwarded._value.get() - before == ((new_tokens - 1) * (spans - 1) if forward_steps else 0)

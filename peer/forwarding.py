@@ -1,0 +1,155 @@
+"""Steps that go from peer to peer: a peer sends a step's output straight on to the next span's peer.
+
+Without forwarding, each step of a route of n spans takes 2n messages, every one to or from the client. With it,
+the client sends to the first span only; each span's peer answers the client (who keeps every span's input for
+replay and spot checks) and also pushes its output to the next span's peer (RPC_PUSH), which runs it as the
+session's next step and answers on the client's own stream. A step then waits for n + 1 messages, not 2n: on
+a real network the client's round trips are the long ones.
+
+The client names the targets in the step (`InferenceStep.forward_to`), for each later span: its peer, the random
+id of the session there, which the client tells no one else, and the step's number in that session. Each peer
+sends its output on to the first target, with the rest. The pushing peer waits
+until the target has taken the step, then answers the client with `{"forwarded": true}`; if the push failed the
+client sends the step itself. Steps are numbered, so one that arrives both ways is run once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from swarm import messages
+from swarm.logs import short_id
+from swarm.protocol import MAX_UNARY_PAYLOAD_BYTES, RPC_PUSH, ErrorKind, ErrorReply, ForwardedStep, ForwardTarget
+from swarm.swarm_key import SwarmKey, rpc_token
+
+logger = logging.getLogger(__name__)
+
+FORWARD_TIMEOUT = 5.0  # seconds a push may take before the client is told to send the step itself
+MAX_FORWARDED_WAITING = 4  # forwarded steps a session holds before it ran them; more are refused
+
+
+class ForwardedSteps:
+    """The sessions of this peer that take forwarded steps, by their id, each with its steps not yet run."""
+
+    def __init__(self) -> None:
+        self._inboxes: dict[str, asyncio.Queue[runtime_pb2.ExpertRequest]] = {}
+
+    def open(self, session: str) -> asyncio.Queue[runtime_pb2.ExpertRequest]:
+        if session in self._inboxes:
+            raise ValueError("another open session has this session id")
+        inbox: asyncio.Queue[runtime_pb2.ExpertRequest] = asyncio.Queue()
+        self._inboxes[session] = inbox
+        return inbox
+
+    def close(self, session: str) -> None:
+        self._inboxes.pop(session, None)
+
+    def take(self, request: runtime_pb2.ExpertRequest) -> ErrorReply | None:
+        """Queue a pushed step for its session; an error reply when it cannot be taken."""
+        try:
+            step = ForwardedStep.from_wire(messages.unpack_metadata(request.metadata))
+        except Exception as e:
+            return ErrorReply(ErrorKind.BAD_REQUEST, f"invalid forwarded step: {e}")
+        inbox = self._inboxes.get(step.session)
+        if inbox is None:
+            return ErrorReply(ErrorKind.BAD_REQUEST, "no open session takes forwarded steps under this id")
+        if inbox.qsize() >= MAX_FORWARDED_WAITING:
+            return ErrorReply(ErrorKind.UNAVAILABLE, "the session has too many forwarded steps waiting")
+        inbox.put_nowait(request)
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingStep:
+    request: runtime_pb2.ExpertRequest
+    forwarded: bool  # pushed by the previous span's peer, not sent by the client
+
+
+class StepSource:
+    """The next step of one session, from the client's stream or, if the session takes them, forwarded by the
+    previous span's peer: whichever comes first. At most one read of the client's stream is pending at a time, so
+    a client cannot queue steps faster than they run."""
+
+    def __init__(
+        self,
+        requests: AsyncIterator[runtime_pb2.ExpertRequest],
+        forwarded: asyncio.Queue[runtime_pb2.ExpertRequest] | None,
+    ):
+        self._requests = requests
+        self._forwarded = forwarded
+        self._from_client: asyncio.Future[runtime_pb2.ExpertRequest] | None = None
+
+    async def next(self, timeout: float) -> IncomingStep | None:
+        """The next step, or None once the client ended its stream. Raises TimeoutError after `timeout` seconds
+        without one."""
+        if self._from_client is None:
+            self._from_client = asyncio.ensure_future(anext(self._requests))
+        waiting: set[asyncio.Future] = {self._from_client}
+        from_peer = None if self._forwarded is None else asyncio.ensure_future(self._forwarded.get())
+        if from_peer is not None:
+            waiting.add(from_peer)
+        try:
+            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if from_peer is not None and not from_peer.done():
+                from_peer.cancel()  # a cancelled Queue.get leaves its item in the queue
+        if from_peer is not None and from_peer in done:
+            return IncomingStep(from_peer.result(), forwarded=True)  # the client's read stays pending
+        if not done:
+            raise TimeoutError
+        from_client, self._from_client = self._from_client, None
+        try:
+            return IncomingStep(from_client.result(), forwarded=False)
+        except StopAsyncIteration:
+            return None
+
+    def close(self) -> None:
+        if self._from_client is not None and not self._from_client.done():
+            self._from_client.cancel()
+
+
+async def forward_output(
+    p2p: P2P,
+    swarm_key: SwarmKey | None,
+    targets: tuple[ForwardTarget, ...],
+    position: int,
+    outputs: torch.Tensor,
+    compression: str,
+    here: ForwardedSteps,
+) -> bool:
+    """Push a step's output to the next span's peer (`targets[0]`, which sends its own on to the rest); whether
+    it took the step. Never raises: on failure the client sends the step itself. A target on this same peer
+    (`here`) takes it without a call."""
+    if messages.payload_bytes([outputs]) > MAX_UNARY_PAYLOAD_BYTES:
+        return False  # a long prompt step: the client sends it in chunks
+    target, *rest = targets
+    metadata = ForwardedStep(target.session, position, target.step, tuple(rest)).to_wire()
+    if target.peer_id == p2p.peer_id.to_base58():
+        return here.take(messages.request([outputs], metadata, compression)) is None
+    if swarm_key is not None:
+        metadata["auth"] = rpc_token(swarm_key, p2p.peer_id.to_base58(), target.peer_id)
+    try:
+        reply = await asyncio.wait_for(
+            p2p.call_protobuf_handler(
+                PeerID.from_base58(target.peer_id),
+                RPC_PUSH,
+                messages.request([outputs], metadata, compression),
+                runtime_pb2.ExpertResponse,
+            ),
+            FORWARD_TIMEOUT,
+        )
+        error = messages.error_of(messages.unpack_metadata(reply.metadata)) if reply.metadata else None
+    except Exception as e:  # unreachable, timed out, malformed: the client sends the step itself
+        logger.debug("Forwarding a step to %s failed: %s: %s", short_id(target.peer_id), type(e).__name__, e)
+        return False
+    if error is not None:
+        logger.debug("Peer %s did not take a forwarded step: %s", short_id(target.peer_id), error.message)
+        return False
+    return True

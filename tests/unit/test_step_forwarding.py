@@ -1,0 +1,172 @@
+"""Steps forwarded from peer to peer (peer/forwarding.py), on the handler itself: a forwarded step is answered on
+the client's stream, a step that arrives twice runs once, and pushes that name no open session are refused.
+
+The handler runs on a fake one-block runtime that adds 1 to the hidden states, so each run of a step shows."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Coroutine
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import runtime_pb2
+
+from peer.handler import BlockHandler, HandlerLimits
+from peer.kv_cache import KVCacheBudget
+from swarm import messages
+from swarm.protocol import ErrorKind, ForwardedStep, ForwardTarget, InferenceOpen, InferenceStep
+
+HIDDEN = 4
+HERE = PeerID(b"peer")
+CLIENT = PeerID(b"client")
+
+
+class _AddOneSpan:
+    hidden_size, device, dtype, blocks = HIDDEN, torch.device("cpu"), torch.float32, ()
+
+    def new_cache(self, max_length: int | None = None) -> SimpleNamespace:
+        return SimpleNamespace(get_seq_length=lambda: 0)
+
+
+class _AddOneRuntime:
+    start, end = 0, 1
+
+    def span(self, start: int, end: int) -> _AddOneSpan:
+        return _AddOneSpan()
+
+    async def inference_step(self, span: _AddOneSpan, cache: Any, hidden: torch.Tensor, *args: Any) -> torch.Tensor:
+        return hidden + 1
+
+
+def _handler() -> BlockHandler:
+    limits = HandlerLimits(
+        inference_max_length=64, max_batch_size=1, session_idle_timeout=10.0, max_sessions_per_client=4,
+        max_requests_per_client=2, max_message_bytes=2**20,
+    )  # fmt: skip
+    handler = BlockHandler(_AddOneRuntime(), KVCacheBudget(10**6), limits, lambda: None)  # type: ignore[arg-type,return-value]
+    handler._p2p = SimpleNamespace(peer_id=HERE)  # type: ignore[assignment]  # pushes to this peer stay local
+    return handler
+
+
+def _run(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(asyncio.wait_for(coroutine, timeout=10))
+
+
+class _Session:
+    """The client's side of one inference stream into the handler, with session id `session`."""
+
+    def __init__(self, handler: BlockHandler, session: str):
+        self.session = session
+        self._requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
+        self.replies = handler.rpc_inference(self._stream(), P2PContext("test", HERE, CLIENT))
+        self._opened = False
+
+    async def _stream(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        while (request := await self._requests.get()) is not None:
+            yield request
+
+    def send(self, value: float, step: int, forward_to: tuple[ForwardTarget, ...] = ()) -> None:
+        metadata = InferenceStep(0, step, forward_to).to_wire()
+        if not self._opened:
+            metadata["open"] = InferenceOpen(0, 1, 64, 1, session=self.session).to_wire()
+            self._opened = True
+        self._requests.put_nowait(messages.request([torch.full((1, 1, HIDDEN), value)], metadata))
+
+    async def reply(self) -> tuple[float, bool]:
+        """The next reply's value and whether the step was forwarded."""
+        reply = await anext(self.replies)
+        metadata = messages.unpack_metadata(reply.metadata) if reply.metadata else {}
+        assert messages.error_of(metadata) is None, metadata
+        (outputs,) = messages.tensors_of(reply)
+        return float(outputs[0, 0, 0]), metadata.get("forwarded") is True
+
+    async def close(self) -> None:
+        self._requests.put_nowait(None)
+        assert [reply async for reply in self.replies] == []
+
+
+def _push(handler: BlockHandler, session: str, value: float, step: int) -> runtime_pb2.ExpertResponse:
+    metadata = ForwardedStep(session, 0, step).to_wire()
+    request = messages.request([torch.full((1, 1, HIDDEN), value)], metadata)
+    return _run(handler.rpc_push(request, P2PContext("test", HERE, PeerID(b"previous-peer"))))
+
+
+def test_a_chain_of_sessions_forwards_each_step_and_answers_each_on_its_own_stream() -> None:
+    async def run() -> None:
+        handler = _handler()
+        first, second, third = (_Session(handler, name) for name in ("s1", "s2", "s3"))
+        for index, session in enumerate((first, second, third)):  # the prompt: sent by the client to each span
+            session.send(10.0 * index, step=0)
+            assert await session.reply() == (10.0 * index + 1, False)
+        chain = (ForwardTarget(HERE.to_base58(), "s2", 1), ForwardTarget(HERE.to_base58(), "s3", 1))
+        first.send(100.0, step=1, forward_to=chain)
+        assert await first.reply() == (101.0, True)
+        assert await second.reply() == (102.0, True)  # run on the first's output, sent on to the third
+        assert await third.reply() == (103.0, False)
+        second.send(101.0, step=1)  # the same step from the client (told it was not forwarded): runs once
+        second.send(500.0, step=2)
+        assert await second.reply() == (501.0, False)
+        for session in (first, second, third):
+            await session.close()
+        assert handler.sessions.held_by(CLIENT) == 0
+
+    _run(run())
+
+
+def test_a_forwarded_step_that_the_client_sent_first_is_dropped() -> None:
+    async def run() -> None:
+        handler = _handler()
+        session = _Session(handler, "s")
+        session.send(1.0, step=0)
+        assert await session.reply() == (2.0, False)
+        session.send(5.0, step=1)
+        assert await session.reply() == (6.0, False)
+        assert _taken(handler, "s", 5.0, step=1)  # the previous peer's push, late
+        session.send(7.0, step=2)
+        assert await session.reply() == (8.0, False)  # not 6.0 again: the late push ran nothing
+        await session.close()
+
+    _run(run())
+
+
+def _taken(handler: BlockHandler, session: str, value: float, step: int) -> bool:
+    request = messages.request([torch.full((1, 1, HIDDEN), value)], ForwardedStep(session, 0, step).to_wire())
+    return handler.forwarded.take(request) is None
+
+
+def test_pushes_to_no_open_session_are_refused_and_a_step_ahead_of_the_session_ends_it() -> None:
+    handler = _handler()
+    refused = messages.error_of(messages.unpack_metadata(_push(handler, "unknown", 1.0, 0).metadata))
+    assert refused is not None and refused.kind is ErrorKind.BAD_REQUEST and "no open session" in refused.message
+
+    async def run() -> None:
+        session = _Session(handler, "s")
+        session.send(1.0, step=0)
+        assert await session.reply() == (2.0, False)
+        session.send(1.0, step=5)
+        error = messages.error_of(messages.unpack_metadata((await anext(session.replies)).metadata))
+        assert error is not None and "step 5 came before step 1" in error.message
+        assert [reply async for reply in session.replies] == []  # the stream ends after the refusal
+        assert handler.sessions.held_by(CLIENT) == 0
+        assert not _taken(handler, "s", 1.0, step=1)  # the ended session takes no more pushes
+
+    _run(run())
+
+
+def test_two_open_sessions_cannot_share_an_id() -> None:
+    async def run() -> None:
+        handler = _handler()
+        first, second = _Session(handler, "same"), _Session(handler, "same")
+        first.send(1.0, step=0)
+        assert await first.reply() == (2.0, False)
+        second.send(1.0, step=0)
+        error = messages.error_of(messages.unpack_metadata((await anext(second.replies)).metadata))
+        assert error is not None and error.kind is ErrorKind.BAD_REQUEST and "session id" in error.message
+        first.send(3.0, step=1)  # the first session keeps its id and its pushes
+        assert await first.reply() == (4.0, False)
+        await first.close()
+
+    _run(run())
