@@ -105,7 +105,11 @@ def build_parser() -> configargparse.ArgumentParser:
         help="address the metrics server listens on")  # fmt: skip
     # tests of the clients' spot checks only: a faulty peer that adds this much noise to its outputs
     add("--debug-output-noise", "--debug_output_noise", type=float, default=0.0, help=configargparse.SUPPRESS)
-    # benchmarks only, where no network emulation is available: milliseconds added to every inference step
+    # tests of the clients' checks of forwarded steps only: a peer that adds this much noise to the outputs it
+    # forwards to the next span's peer, but not to those it answers
+    add("--debug-forward-noise", "--debug_forward_noise", type=float, default=0.0, help=configargparse.SUPPRESS)
+    # benchmarks only, where no network emulation is available: the round trip (milliseconds) of every inference
+    # step with the client, and of every step forwarded from another peer
     add("--debug-added-latency-ms", "--debug_added_latency_ms", type=float, default=0.0, help=configargparse.SUPPRESS)
     add(
         "--debug-added-peer-latency-ms",
@@ -159,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             balance_min_improvement=args.balance_min_improvement,
             network_bandwidth=args.network_bandwidth,
             output_noise=args.debug_output_noise,
+            forward_noise=args.debug_forward_noise,
             added_latency=args.debug_added_latency_ms / 1000,
             added_peer_latency=args.debug_added_peer_latency_ms / 1000,
         )

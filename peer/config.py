@@ -49,6 +49,7 @@ class PeerConfig:
     balance_min_improvement: float = 0.2  # move only if the swarm's weakest block gets this much faster (0.2: 20%)
     network_bandwidth: float = 100.0  # Mbit/s: caps the announced throughput at what the link carries
     output_noise: float = 0.0  # tests of clients' spot checks only: a faulty peer's noise on every output
+    forward_noise: float = 0.0  # tests only: a faulty peer's noise on the outputs it forwards to the next peer
     # benchmarks only, as a slow network would: the round trip of an inference step with its client (half before it
     # runs, half before its reply), and of one forwarded from another peer (half before it runs), in seconds
     added_latency: float = 0.0

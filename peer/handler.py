@@ -148,12 +148,14 @@ class BlockHandler:
         swarm_key: SwarmKey | None = None,
         added_latency: float = 0.0,
         added_peer_latency: float = 0.0,
+        forward_noise: float = 0.0,
     ):
         self.runtime = runtime
         # benchmarks only, a network: a round trip with a client (the step waits half before it runs and its reply
         # half after), and one with another peer (a forwarded step waits half before it runs)
         self.added_latency = added_latency
         self.added_peer_latency = added_peer_latency
+        self.forward_noise = forward_noise  # tests only: a faulty peer forwards other outputs than it answers
         self.swarm_key = swarm_key  # a private swarm: every call must carry the caller's token
         self.budget = budget
         self.limits = limits
@@ -349,14 +351,16 @@ class BlockHandler:
                         next_step += 1
                     if incoming.request is not first:
                         (hidden_states,) = self._expect_tensors(messages.tensors_of(incoming.request), 1)
+                    reply: dict[str, Any] = {}
+                    if incoming.forwarded:  # the client checks that this is what the previous peer answered it
+                        reply["input_digest"] = messages.tensor_digest(hidden_states)
                     cache = self._rewound(span, cache, step.position, session_open.max_length)
                     await _network_delay((self.added_peer_latency if incoming.forwarded else self.added_latency) / 2)
                     outputs = await self._inference_step(span, cache, session_open, step, hidden_states, adapters)
-                    forwarded = bool(step.forward_to) and await self._send_on(step, session_open, outputs)
+                    if step.forward_to and await self._send_on(step, session_open, outputs):
+                        reply["forwarded"] = True
                     await _network_delay(self.added_latency / 2)
-                    yield messages.response(
-                        [outputs], {"forwarded": True} if forwarded else None, session_open.compression
-                    )
+                    yield messages.response([outputs], reply, session_open.compression)
                     incoming = await self._next_step(steps)
                 logger.debug("Session from %s closed", peer)
         except _Refusal as e:
@@ -389,6 +393,8 @@ class BlockHandler:
     async def _send_on(self, step: InferenceStep, session_open: InferenceOpen, outputs: torch.Tensor) -> bool:
         if self._p2p is None:
             return False
+        if self.forward_noise:
+            outputs = outputs + torch.randn(outputs.shape) * self.forward_noise
         return await forward_output(
             self._p2p, self.swarm_key, step.forward_to, step.position, outputs, session_open.compression,
             self.forwarded,

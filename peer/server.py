@@ -208,7 +208,7 @@ class Peer:
         handler = BlockHandler(
             self.runtime, self.budget, limits, self.peer_info, lambda: self.state.routable, metrics=self.metrics,
             swarm_key=self.swarm_key, added_latency=self.config.added_latency,
-            added_peer_latency=self.config.added_peer_latency,
+            added_peer_latency=self.config.added_peer_latency, forward_noise=self.config.forward_noise,
         )  # fmt: skip
         p2p = await self.dht.replicate_p2p()
         await handler.add_p2p_handlers(p2p)

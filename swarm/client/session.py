@@ -38,16 +38,26 @@ from swarm.errors import (
     RETRYABLE_ERRORS,
     ConfigError,
     MissingBlocksError,
+    PeerFaulty,
     PeerTimeout,
     RequestRejected,
     SwarmError,
 )
 from swarm.logs import short_id
+from swarm.messages import tensor_digest
 from swarm.protocol import ForwardTarget, InferenceOpen
 
 logger = logging.getLogger(__name__)
 
 RECENT_STEPS = 8  # decode-step durations remembered per span for the adaptive timeout
+
+
+class _OtherInputsForwarded(Exception):
+    """The previous span's peer forwarded other hidden states to this span's peer than it answered the client."""
+
+    def __init__(self, reply: StepReply):
+        super().__init__("other hidden states forwarded than answered")
+        self.reply = reply  # this span's reply to them
 
 
 @dataclass
@@ -140,6 +150,8 @@ class InferenceSession:
             try:
                 if sent_at is not None:
                     reply = await self._receive_forwarded(connection, hidden_states, sent_at)
+                    if reply.input_digest != tensor_digest(hidden_states):
+                        raise _OtherInputsForwarded(reply)
                 else:
                     sent_at = time.perf_counter()
                     reply = await self._send(
@@ -149,6 +161,10 @@ class InferenceSession:
                     sent_at = None
                 if self._checked(connection, checked):
                     await self._check(connection, hidden_states, reply.outputs)
+            except _OtherInputsForwarded as e:
+                index, hidden_states = await self._replace_forwarder(index, e.reply)
+                sent_at = None
+                continue  # the same step, from the previous span's replacement on
             except RETRYABLE_ERRORS as e:
                 await self._replace(index, e)
                 sent_at = None
@@ -277,6 +293,28 @@ class InferenceSession:
         if hidden_states.shape[1] == 1:
             connection.recent_step_seconds.append(time.perf_counter() - began)
         return reply
+
+    async def _replace_forwarder(self, index: int, reply: StepReply) -> tuple[int, torch.Tensor]:
+        """The peer before span `index` forwarded other hidden states than it answered (`reply`: span `index`'s
+        answer to them): it is faulty. Replace it, and give back where the step starts again: its replacement and
+        the step's input there. Span `index`, and the spans it forwarded the step on to, whose answers are taken
+        here, compute the step again when it comes back (the same position rolls their caches back)."""
+        shape = reply.outputs.shape[:2]
+        following = index
+        while reply.forwarded and following + 1 < len(self._connections):
+            following += 1
+            connection = self._connections[following]
+            try:
+                reply = await connection.stream.forwarded_step(shape, self._step_timeout(connection, shape[1]))
+            except RETRYABLE_ERRORS as e:
+                await self._replace(following, e)
+                break
+            self._metrics.forwarded_steps.inc()
+        previous = self._connections[index - 1]
+        hidden_states = previous.inputs.pop()  # the step goes through its replacement again
+        error = PeerFaulty(previous.span.peer_id, "forwarded other hidden states to the next span than it answered")
+        await self._replace(index - 1, error)
+        return index - 1, hidden_states
 
     @staticmethod
     def _checked(connection: _SpanConnection, checked: dict[int, bool]) -> bool:

@@ -196,6 +196,7 @@ async def _call_span(
 class StepReply:
     outputs: torch.Tensor
     forwarded: bool  # the peer also sent the outputs on to the next span's peer, which took them
+    input_digest: bytes | None = None  # of the hidden states a forwarded step ran on (`messages.tensor_digest`)
 
 
 class InferenceStream:
@@ -272,7 +273,7 @@ class InferenceStream:
         (outputs,) = messages.tensors_of(reply)
         if outputs.shape[:2] != shape:
             raise ProtocolError(f"reply of shape {list(outputs.shape)} for a step of shape {list(shape)}")
-        return StepReply(outputs, metadata.get("forwarded") is True)
+        return StepReply(outputs, metadata.get("forwarded") is True, metadata.get("input_digest"))
 
     async def abort(self) -> None:
         """Give up on the stream without waiting for the peer (used once it is known to have failed); closing the

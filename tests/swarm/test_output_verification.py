@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM
 
 from swarm.client._sync import run_sync
+from swarm.client.metrics import client_metrics
 from swarm.protocol import ServerState
 
 pytestmark = pytest.mark.slow
@@ -90,3 +91,42 @@ def test_training_calls_through_a_faulty_peer_are_caught_and_computed_elsewhere(
     local(inputs_embeds=theirs, labels=tokens).loss.backward()
     torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-4, rtol=0)
     assert _verifications("agreed") >= agreed + 2
+
+
+def test_a_peer_forwarding_other_states_than_it_answers_is_caught_at_once_and_replaced(
+    demo_model, make_swarm, connect
+) -> None:  # type: ignore[no-untyped-def]
+    """A peer forwards a step's output to the next span's peer and answers the client the same output; the next
+    peer's reply names what it ran on (a digest), so a peer that forwards anything else (a test-only flag adds
+    noise to what it forwards, large enough to change the tokens) is caught at its first forwarded step, with no
+    spot checks, banned and replaced, and the spans after it compute the step again (the next span's peer had
+    forwarded its own wrong output on to the last span's, whose answer the client takes and drops)."""
+    local_swarm = make_swarm(demo_model, [(2, 4), (4, NUM_BLOCKS)])
+    faulty_id = local_swarm.peer_id(local_swarm.add_peer(0, 2, "--debug-forward-noise", "1.0"))
+    model = connect(demo_model, local_swarm, verify_rate=0.0)
+    run_sync(model.swarm.wait_blocks_covered(timeout=60))
+    prompt = torch.tensor([[1, 200, 300, 400, 500]])
+    expected = AutoModelForCausalLM.from_pretrained(demo_model).eval().generate(prompt, max_new_tokens=12, **GREEDY)
+
+    with model.inference_session(max_length=prompt.shape[1] + 12) as session:
+        first = model.generate(prompt, max_new_tokens=1, **GREEDY)  # the prompt's step: sent by the client
+        assert [span.peer_id for span in session.route.spans][0] == faulty_id
+        local_swarm.add_peer(0, 2, wait=False)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until the client sees the honest peer of blocks 0:2 online
+            states = [span.info.state for span in run_sync(model.swarm.view(max_age=0)).spans]
+            if states.count(ServerState.ONLINE) == 4:
+                break
+        else:
+            pytest.fail("the honest peer did not come online")
+        forwarded = client_metrics().forwarded_steps._value.get()
+        second = model.generate(max_new_tokens=1, **GREEDY)  # forwarded: caught
+        # forwarded to blocks 2:4 and on to 4:6 (answers taken and dropped), then again from the replacement
+        assert client_metrics().forwarded_steps._value.get() == forwarded + 4
+        assert faulty_id in model.swarm.banned() and session.reroutes == 1
+        assert faulty_id not in [span.peer_id for span in session.route.spans]
+        rest = model.generate(max_new_tokens=10, **GREEDY)
+
+    assert torch.equal(first, expected[:, : prompt.shape[1] + 1])
+    assert torch.equal(second, expected[:, : prompt.shape[1] + 2])
+    assert torch.equal(rest, expected)

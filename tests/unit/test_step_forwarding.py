@@ -63,6 +63,7 @@ class _Session:
         self._requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
         self.replies = handler.rpc_inference(self._stream(), P2PContext("test", HERE, CLIENT))
         self._opened = False
+        self.input_digest: bytes | None = None  # that of the last reply, to a forwarded step
 
     async def _stream(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while (request := await self._requests.get()) is not None:
@@ -80,6 +81,7 @@ class _Session:
         reply = await anext(self.replies)
         metadata = messages.unpack_metadata(reply.metadata) if reply.metadata else {}
         assert messages.error_of(metadata) is None, metadata
+        self.input_digest = metadata.get("input_digest")
         (outputs,) = messages.tensors_of(reply)
         return float(outputs[0, 0, 0]), metadata.get("forwarded") is True
 
@@ -105,10 +107,13 @@ def test_a_chain_of_sessions_forwards_each_step_and_answers_each_on_its_own_stre
         first.send(100.0, step=1, forward_to=chain)
         assert await first.reply() == (101.0, True)
         assert await second.reply() == (102.0, True)  # run on the first's output, sent on to the third
+        assert second.input_digest == messages.tensor_digest(torch.full((1, 1, HIDDEN), 101.0))  # what it ran on
         assert await third.reply() == (103.0, False)
+        assert third.input_digest == messages.tensor_digest(torch.full((1, 1, HIDDEN), 102.0))
         second.send(101.0, step=1)  # the same step from the client (told it was not forwarded): runs once
         second.send(500.0, step=2)
         assert await second.reply() == (501.0, False)
+        assert second.input_digest is None  # sent by the client: nothing to compare
         for session in (first, second, third):
             await session.close()
         assert handler.sessions.held_by(CLIENT) == 0
