@@ -7,8 +7,9 @@ session's next step and answers on the client's own stream. A step then waits fo
 a real network the client's round trips are the long ones.
 
 The client names the targets in the step (`InferenceStep.forward_to`), for each later span: its peer, the random
-id of the session there, which the client tells no one else, and the step's number in that session. Each peer
-sends its output on to the first target, with the rest. The pushing peer waits
+id of the session there, which the client tells no one else, the step's number in that session, and how long the
+push may take (half the client's own timeout for the pushing peer's answer). Each peer sends its output on to the
+first target, with the rest. The pushing peer waits
 until the target has taken the step, then answers the client with `{"forwarded": true}`; if the push failed the
 client sends the step itself. Steps are numbered, so one that arrives both ways is run once.
 """
@@ -31,7 +32,6 @@ from swarm.swarm_key import SwarmKey, rpc_token
 
 logger = logging.getLogger(__name__)
 
-FORWARD_TIMEOUT = 5.0  # seconds a push may take before the client is told to send the step itself
 MAX_FORWARDED_WAITING = 4  # forwarded steps a session holds before it ran them; more are refused
 
 
@@ -143,7 +143,7 @@ async def forward_output(
                 messages.request([outputs], metadata, compression),
                 runtime_pb2.ExpertResponse,
             ),
-            FORWARD_TIMEOUT,
+            target.timeout,
         )
         error = messages.error_of(messages.unpack_metadata(reply.metadata)) if reply.metadata else None
     except Exception as e:  # unreachable, timed out, malformed: the client sends the step itself

@@ -60,6 +60,7 @@ MAX_UNARY_PAYLOAD_BYTES = 4 * 1024 * 1024 - 64 * 1024  # hivemind's unary cap is
 STREAM_CHUNK_BYTES = 2 * 1024 * 1024
 MAX_SESSION_ID_CHARS = 64
 MAX_FORWARD_TARGETS = 64  # spans after one that a step may be forwarded through
+MAX_FORWARD_TIMEOUT = 60.0  # seconds
 
 
 def block_key(model_prefix: str, block_index: int) -> str:
@@ -244,16 +245,21 @@ class InferenceOpen:
 @dataclass(frozen=True, slots=True)
 class ForwardTarget:
     """Where a peer sends a step's output on, besides answering it: the next span's peer, the client's session
-    there (`InferenceOpen.session`), and the number the step has in that session."""
+    there (`InferenceOpen.session`), the number the step has in that session, and how long the sending peer may
+    wait for that peer to take it before it answers the client that it did not (a hung next peer must not make
+    the sending peer look hung)."""
 
     peer_id: str
     session: str
     step: int
+    timeout: float
 
     def __post_init__(self) -> None:
-        _check_types(self, peer_id=str, session=str, step=int)
+        _check_types(self, peer_id=str, session=str, step=int, timeout=(int, float))
         if not self.session or self.step < 0:
             raise ValueError("a forward target needs a session id and a step number >= 0")
+        if not 0 < self.timeout <= MAX_FORWARD_TIMEOUT:
+            raise ValueError(f"a forward timeout must be within (0, {MAX_FORWARD_TIMEOUT}] seconds")
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)

@@ -155,7 +155,7 @@ class InferenceSession:
                 else:
                     sent_at = time.perf_counter()
                     reply = await self._send(
-                        connection, hidden_states, self.position, self._forward_targets(index, checked)
+                        connection, hidden_states, self.position, self._forward_targets(index, seq, checked)
                     )
                 if not reply.forwarded:
                     sent_at = None
@@ -323,17 +323,18 @@ class InferenceSession:
             checked[id(connection)] = connection.checks.due()
         return checked[id(connection)]
 
-    def _forward_targets(self, index: int, checked: dict[int, bool]) -> tuple[ForwardTarget, ...]:
-        """The spans after `index` that get this step from their previous span's peer: each next one while its
-        session is open on its peer, up to one whose predecessor's output is spot-checked first (the next span
-        must not run on an output before its check)."""
+    def _forward_targets(self, index: int, seq: int, checked: dict[int, bool]) -> tuple[ForwardTarget, ...]:
+        """The spans after `index` that get this step of `seq` tokens from their previous span's peer: each next
+        one while its session is open on its peer, up to one whose predecessor's output is spot-checked first (the
+        next span must not run on an output before its check). A peer may wait half the client's timeout for its
+        own answer for the next peer to take the step: a hung next peer is then found as such."""
         if not self.swarm.config.forward_steps:
             return ()
         targets = []
         for previous, following in zip(self._connections[index:-1], self._connections[index + 1 :], strict=True):
             if self._checked(previous, checked) or not following.stream.takes_forwarded_steps:
                 break
-            targets.append(following.stream.forward_target())
+            targets.append(following.stream.forward_target(self._step_timeout(previous, seq) / 2))
         return tuple(targets)
 
     async def _receive_forwarded(

@@ -234,9 +234,9 @@ class InferenceStream:
         """Whether the previous span's peer can forward steps to it: its session is open on the peer."""
         return self._sent_open and bool(self.session_open.session)
 
-    def forward_target(self) -> ForwardTarget:
-        """Where the previous span's peer sends the next step."""
-        return ForwardTarget(self.peer_id, self.session_open.session, self.steps)
+    def forward_target(self, timeout: float) -> ForwardTarget:
+        """Where the previous span's peer sends the next step, if it can within `timeout` seconds."""
+        return ForwardTarget(self.peer_id, self.session_open.session, self.steps, timeout)
 
     async def step(
         self, hidden: torch.Tensor, position: int, timeout: float, forward_to: tuple[ForwardTarget, ...] = ()

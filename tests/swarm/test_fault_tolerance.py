@@ -15,6 +15,7 @@ from swarm.client import remote_blocks
 from swarm.client.session import InferenceSession
 from swarm.errors import MissingBlocksError
 from swarm.process import SwarmProcess
+from swarm.protocol import ForwardTarget
 from swarm.testing import LocalSwarm
 from tests.model_factory import FIRST_ORDINARY_TOKEN, VOCAB_SIZE
 
@@ -30,9 +31,10 @@ def _prompt(length: int = 6, seed: int = 0) -> torch.Tensor:
 
 
 class FailDuringStep:
-    """Signals the peer serving span `span_index` of a session's route right before step `at_step` reaches it.
+    """Signals the peer serving span `span_index` of a session's route right before step `at_step` reaches it
+    (before the client sends it there or to a span whose peer forwards it there).
 
-    The failure is real (the peer process is killed or stopped); this hook on the client only chooses the moment.
+        The failure is real (the peer process is killed or stopped); this hook on the client only chooses the moment.
     """
 
     def __init__(self, local_swarm: LocalSwarm, *, at_step: int, span_index: int, signum: int = signal.SIGKILL):
@@ -48,21 +50,26 @@ class FailDuringStep:
     def install(self, monkeypatch: pytest.MonkeyPatch) -> FailDuringStep:
         original = InferenceSession._send
 
-        async def send(session: InferenceSession, connection, hidden_states, position):  # type: ignore[no-untyped-def]
-            if self.victim is None and connection is session._connections[self.span_index]:
+        async def send(session: InferenceSession, connection, hidden_states, position, forward_to=()):  # type: ignore[no-untyped-def]
+            if self.victim is None and self._reaches(session, connection, forward_to):
                 self.steps_seen += 1
                 if self.steps_seen == self.at_step:
-                    self.victim = self.local_swarm.process_of(connection.span.peer_id)
+                    self.victim = self.local_swarm.process_of(session._connections[self.span_index].span.peer_id)
                     if self.signum == signal.SIGTERM:
                         self.victim.send_signal(self.signum)
                     else:
                         self.victim.signal_group(self.signum)
                     if self.signum == signal.SIGKILL:
                         self.victim.wait(timeout=30)
-            return await original(session, connection, hidden_states, position)
+            return await original(session, connection, hidden_states, position, forward_to)
 
         monkeypatch.setattr(InferenceSession, "_send", send)
         return self
+
+    def _reaches(self, session: InferenceSession, connection: object, forward_to: tuple[ForwardTarget, ...]) -> bool:
+        """Whether a step sent through `connection` reaches the span: sent to it, or forwarded there."""
+        target = session._connections[self.span_index]
+        return connection is target or any(t.peer_id == target.span.peer_id for t in forward_to)
 
 
 @pytest.fixture(scope="module")

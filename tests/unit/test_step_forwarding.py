@@ -103,7 +103,7 @@ def test_a_chain_of_sessions_forwards_each_step_and_answers_each_on_its_own_stre
         for index, session in enumerate((first, second, third)):  # the prompt: sent by the client to each span
             session.send(10.0 * index, step=0)
             assert await session.reply() == (10.0 * index + 1, False)
-        chain = (ForwardTarget(HERE.to_base58(), "s2", 1), ForwardTarget(HERE.to_base58(), "s3", 1))
+        chain = (ForwardTarget(HERE.to_base58(), "s2", 1, 5.0), ForwardTarget(HERE.to_base58(), "s3", 1, 5.0))
         first.send(100.0, step=1, forward_to=chain)
         assert await first.reply() == (101.0, True)
         assert await second.reply() == (102.0, True)  # run on the first's output, sent on to the third
