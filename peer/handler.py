@@ -327,16 +327,24 @@ class BlockHandler:
             with self.sessions.hold(context.remote_id), self.budget.reserve(session_open.cache_tokens):
                 steps = StepSource(requests, self._forwarded_inbox(session_open))
                 tensors = messages.tensors_of(first)
-                if not tensors:
-                    raise _Refusal(ErrorKind.BAD_REQUEST, "expected the hidden states, got no tensor")
-                hidden_states, adapter = tensors[0], tensors[1:]
-                self._check_hidden(hidden_states, span, max_batch=session_open.batch_size)
-                adapters = self._adapters(metadata, span, hidden_states, adapter)
-                if adapters is not None:
-                    adapters = adapters.on(span.device, span.dtype)  # once: every step of the session applies them
+                opened_ahead = "position" not in metadata  # the opening alone, ahead of the first step
+                adapters = None
+                if opened_ahead:
+                    if tensors:
+                        raise _Refusal(ErrorKind.BAD_REQUEST, "an opening sent ahead of the first step has no tensors")
+                else:
+                    if not tensors:
+                        raise _Refusal(ErrorKind.BAD_REQUEST, "expected the hidden states, got no tensor")
+                    hidden_states, adapter = tensors[0], tensors[1:]
+                    self._check_hidden(hidden_states, span, max_batch=session_open.batch_size)
+                    adapters = self._adapters(metadata, span, hidden_states, adapter)
+                    if adapters is not None:
+                        adapters = adapters.on(span.device, span.dtype)  # once: every step of the session applies them
                 logger.debug("Session from %s opened: blocks %d:%d", peer, session_open.start, session_open.end)
                 cache = span.new_cache(session_open.max_length)
-                incoming: IncomingStep | None = IncomingStep(first, forwarded=False)
+                incoming: IncomingStep | None = (
+                    await self._next_step(steps) if opened_ahead else IncomingStep(first, forwarded=False)
+                )
                 next_step = 0  # the number of the session's next numbered step
                 while incoming is not None:
                     if incoming.request is not first:

@@ -7,7 +7,9 @@ DHT layout (hivemind Kademlia, values msgpack-encoded by hivemind):
 
 RPCs (hivemind P2P protobuf handlers; requests are `ExpertRequest`, replies `ExpertResponse`, metadata msgpack):
   * RPC_INFO        unary            -> `PeerInfo`
-  * RPC_INFERENCE   stream <-> stream  first message `InferenceOpen` + `InferenceStep`, then `InferenceStep`s;
+  * RPC_INFERENCE   stream <-> stream  first message `InferenceOpen` + `InferenceStep` (or `InferenceOpen` alone,
+                                      no tensors: the session is set up ahead of its first step), then
+                                      `InferenceStep`s, each answered;
                                       the peer keeps the session's KV cache until the stream closes; the first
                                       message may carry a LoRA adapter and deep prompts as RPC_FORWARD does
                                       (tensors [hidden, *lora, prompts]), applied to every step of the session;

@@ -450,6 +450,10 @@ class InferenceSession:
             await asyncio.gather(
                 *(c.stream.open(self.swarm.config.request_timeout) for c in connections), return_exceptions=True
             )
+            # sessions set up before their first step, which can then be forwarded to them too
+            for connection in connections:
+                if connection.stream.adapters is None:
+                    connection.stream.open_ahead()
             if history is not None:
                 hidden_states = history
                 for connection in connections:

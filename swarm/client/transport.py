@@ -238,6 +238,16 @@ class InferenceStream:
         """Where the previous span's peer sends the next step, if it can within `timeout` seconds."""
         return ForwardTarget(self.peer_id, self.session_open.session, self.steps, timeout)
 
+    def open_ahead(self) -> None:
+        """Send the session's opening now, without a step: the peer sets the session up before the first step
+        comes, which the previous span's peer can then forward to it. Not with adapters, which the peer checks
+        against the first step's hidden states."""
+        assert not self._sent_open and self.adapters is None
+        self._requests.put_nowait(runtime_pb2.ExpertRequest(metadata=messages.pack_metadata(
+            {"open": self.session_open.to_wire()}
+        )))  # fmt: skip
+        self._sent_open = True
+
     async def step(
         self, hidden: torch.Tensor, position: int, timeout: float, forward_to: tuple[ForwardTarget, ...] = ()
     ) -> StepReply:

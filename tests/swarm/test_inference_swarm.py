@@ -189,9 +189,9 @@ def test_peers_forward_decode_steps_to_the_next_span(
     monkeypatch: pytest.MonkeyPatch,
     forward_steps: bool,
 ) -> None:
-    """With `forward_steps` each span's peer sends a decode step's output straight on to the next span's peer,
-    which answers the client: every decode step reaches every span after the first that way. The prompt's step is
-    sent by the client (the next sessions open with it). Tokens equal local either way."""
+    """With `forward_steps` each span's peer sends a step's output straight on to the next span's peer, which
+    answers the client: every step, the prompt's included (the sessions open ahead of it), reaches every span
+    after the first that way. Tokens equal local either way."""
     distributed, local = swarm_and_local
     monkeypatch.setattr(CheckSchedule, "due", lambda schedule: False)  # a checked step is never forwarded
     monkeypatch.setattr(distributed.swarm, "config", replace(distributed.swarm.config, forward_steps=forward_steps))
@@ -205,4 +205,4 @@ def test_peers_forward_decode_steps_to_the_next_span(
         spans = len(session.route.spans)
     assert torch.equal(output, expected)
     assert spans >= 2
-    assert forwarded._value.get() - before == ((new_tokens - 1) * (spans - 1) if forward_steps else 0)
+    assert forwarded._value.get() - before == (new_tokens * (spans - 1) if forward_steps else 0)

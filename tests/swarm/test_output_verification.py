@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from swarm.client._sync import run_sync
 from swarm.client.metrics import client_metrics
+from swarm.client.session import InferenceSession
 from swarm.protocol import ServerState
 
 pytestmark = pytest.mark.slow
@@ -94,7 +95,7 @@ def test_training_calls_through_a_faulty_peer_are_caught_and_computed_elsewhere(
 
 
 def test_a_peer_forwarding_other_states_than_it_answers_is_caught_at_once_and_replaced(
-    demo_model, make_swarm, connect
+    demo_model, make_swarm, connect, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     """A peer forwards a step's output to the next span's peer and answers the client the same output; the next
     peer's reply names what it ran on (a digest), so a peer that forwards anything else (a test-only flag adds
@@ -109,7 +110,9 @@ def test_a_peer_forwarding_other_states_than_it_answers_is_caught_at_once_and_re
     expected = AutoModelForCausalLM.from_pretrained(demo_model).eval().generate(prompt, max_new_tokens=12, **GREEDY)
 
     with model.inference_session(max_length=prompt.shape[1] + 12) as session:
-        first = model.generate(prompt, max_new_tokens=1, **GREEDY)  # the prompt's step: sent by the client
+        with monkeypatch.context() as unforwarded:  # the faulty peer is the only one of its blocks yet
+            unforwarded.setattr(InferenceSession, "_forward_targets", lambda *args: ())
+            first = model.generate(prompt, max_new_tokens=1, **GREEDY)
         assert session.route.spans[0].peer_id == faulty_id
         local_swarm.add_peer(0, 2, wait=False)
         deadline = time.monotonic() + 120

@@ -69,6 +69,11 @@ class _Session:
         while (request := await self._requests.get()) is not None:
             yield request
 
+    def open_ahead(self, *tensors: torch.Tensor) -> None:
+        metadata = {"open": InferenceOpen(0, 1, 64, 1, session=self.session).to_wire()}
+        self._requests.put_nowait(messages.request(list(tensors), metadata))
+        self._opened = True
+
     def send(self, value: float, step: int, forward_to: tuple[ForwardTarget, ...] = ()) -> None:
         metadata = InferenceStep(0, step, forward_to).to_wire()
         if not self._opened:
@@ -173,5 +178,29 @@ def test_two_open_sessions_cannot_share_an_id() -> None:
         first.send(3.0, step=1)  # the first session keeps its id and its pushes
         assert await first.reply() == (4.0, False)
         await first.close()
+
+    _run(run())
+
+
+def test_a_session_opened_ahead_of_its_first_step_takes_that_step_forwarded() -> None:
+    async def run() -> None:
+        handler = _handler()
+        first, second = _Session(handler, "s1"), _Session(handler, "s2")
+        first.open_ahead()
+        second.open_ahead()
+        second_reply = asyncio.ensure_future(second.reply())  # the handler reads the opening, sets the session up
+        while "s2" not in handler.forwarded._inboxes:
+            await asyncio.sleep(0.01)
+        first.send(1.0, step=0, forward_to=(ForwardTarget(HERE.to_base58(), "s2", 0, 5.0),))
+        assert await first.reply() == (2.0, True)
+        assert await second_reply == (3.0, False)
+        await first.close()
+        await second.close()
+
+        refused = _Session(handler, "s3")
+        refused.open_ahead(torch.zeros(1, 1, HIDDEN))
+        error = messages.error_of(messages.unpack_metadata((await anext(refused.replies)).metadata))
+        assert error is not None and error.kind is ErrorKind.BAD_REQUEST and "has no tensors" in error.message
+        assert handler.sessions.held_by(CLIENT) == 0
 
     _run(run())
