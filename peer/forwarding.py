@@ -26,6 +26,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from swarm import messages
+from swarm.compression import in_compute_dtype
 from swarm.logs import short_id
 from swarm.protocol import MAX_UNARY_PAYLOAD_BYTES, RPC_PUSH, ErrorKind, ErrorReply, ForwardedStep, ForwardTarget
 from swarm.swarm_key import SwarmKey, rpc_token
@@ -130,6 +131,8 @@ async def forward_output(
     if messages.payload_bytes([outputs]) > MAX_UNARY_PAYLOAD_BYTES:
         return False  # a long prompt step: the client sends it in chunks
     target, *rest = targets
+    # what the client would send the next peer: the answer as it decodes it, narrowed to the next peer's dtype
+    outputs = in_compute_dtype(messages.as_received(outputs, compression), target.dtype)
     metadata = ForwardedStep(target.session, position, target.step, tuple(rest)).to_wire()
     if target.peer_id == p2p.peer_id.to_base58():
         return here.take(messages.request([outputs], metadata, compression)) is None

@@ -37,6 +37,13 @@ def tensor_digest(tensor: torch.Tensor) -> bytes:
     return digest.digest()
 
 
+def as_received(hidden: torch.Tensor, compression: str) -> torch.Tensor:
+    """Hidden states as whoever receives them under the wire `compression` decodes them (the same under "none")."""
+    if compression == "none":
+        return hidden
+    return deserialize_tensor(serialized([hidden], compression)[0])
+
+
 def unpack_metadata(raw: bytes) -> dict[str, Any]:
     if not raw:
         return {}

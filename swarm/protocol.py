@@ -255,9 +255,10 @@ class ForwardTarget:
     session: str
     step: int
     timeout: float
+    dtype: str = ""  # the next peer's compute dtype: a wider output is narrowed to it before it is sent
 
     def __post_init__(self) -> None:
-        _check_types(self, peer_id=str, session=str, step=int, timeout=(int, float))
+        _check_types(self, peer_id=str, session=str, step=int, timeout=(int, float), dtype=str)
         if not self.session or self.step < 0:
             raise ValueError("a forward target needs a session id and a step number >= 0")
         if not 0 < self.timeout <= MAX_FORWARD_TIMEOUT:

@@ -44,7 +44,7 @@ from swarm.errors import (
     SwarmError,
 )
 from swarm.logs import short_id
-from swarm.messages import tensor_digest
+from swarm.messages import as_received, tensor_digest
 from swarm.protocol import ForwardTarget, InferenceOpen
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class InferenceSession:
             try:
                 if sent_at is not None:
                     reply = await self._receive_forwarded(connection, hidden_states, sent_at)
-                    if reply.input_digest != tensor_digest(hidden_states):
+                    if reply.input_digest != self._digest_as_sent(connection, hidden_states):
                         raise _OtherInputsForwarded(reply)
                 else:
                     sent_at = time.perf_counter()
@@ -316,6 +316,11 @@ class InferenceSession:
         await self._replace(index - 1, error)
         return index - 1, hidden_states
 
+    def _digest_as_sent(self, connection: _SpanConnection, hidden_states: torch.Tensor) -> bytes:
+        """The digest of `hidden_states` as the connection's peer would decode them had the client sent them."""
+        sent = in_compute_dtype(hidden_states, connection.span.dtype)
+        return tensor_digest(as_received(sent, connection.stream.session_open.compression))
+
     @staticmethod
     def _checked(connection: _SpanConnection, checked: dict[int, bool]) -> bool:
         """Whether this step of `connection` is spot-checked, drawn once per step."""
@@ -334,7 +339,8 @@ class InferenceSession:
         for previous, following in zip(self._connections[index:-1], self._connections[index + 1 :], strict=True):
             if self._checked(previous, checked) or not following.stream.takes_forwarded_steps:
                 break
-            targets.append(following.stream.forward_target(self._step_timeout(previous, seq) / 2))
+            timeout = self._step_timeout(previous, seq) / 2
+            targets.append(following.stream.forward_target(timeout, following.span.dtype))
         return tuple(targets)
 
     async def _receive_forwarded(

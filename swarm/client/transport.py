@@ -234,9 +234,10 @@ class InferenceStream:
         """Whether the previous span's peer can forward steps to it: its session is open on the peer."""
         return self._sent_open and bool(self.session_open.session)
 
-    def forward_target(self, timeout: float) -> ForwardTarget:
-        """Where the previous span's peer sends the next step, if it can within `timeout` seconds."""
-        return ForwardTarget(self.peer_id, self.session_open.session, self.steps, timeout)
+    def forward_target(self, timeout: float, dtype: str) -> ForwardTarget:
+        """Where the previous span's peer sends the next step, if it can within `timeout` seconds, narrowed to
+        the peer's compute `dtype`."""
+        return ForwardTarget(self.peer_id, self.session_open.session, self.steps, timeout, dtype)
 
     def open_ahead(self) -> None:
         """Send the session's opening now, without a step: the peer sets the session up before the first step

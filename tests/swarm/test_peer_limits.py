@@ -65,7 +65,7 @@ def _open(target: Target) -> InferenceStream:
     """A session of the first client on the peer, opened by its first step."""
     stream = InferenceStream(target.p2p, target.peer_id, InferenceOpen(0, 2, max_length=16, batch_size=1))
     try:
-        assert run_sync(stream.step(_hidden(3), 0, TIMEOUT)).shape == (1, 3, HIDDEN)
+        assert run_sync(stream.step(_hidden(3), 0, TIMEOUT)).outputs.shape == (1, 3, HIDDEN)
     except BaseException:
         run_sync(stream.abort())
         raise

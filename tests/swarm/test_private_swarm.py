@@ -1,5 +1,6 @@
-"""A private swarm in real processes: members with the key generate as usual; a client without it (or with another
-key) cannot join the DHT, and a process that dials a peer directly is refused by every RPC."""
+"""A private swarm in real processes: members with the key generate as usual, their peers forwarding steps to each
+other with the swarm's token; a client without it (or with another key) cannot join the DHT, and a process that
+dials a peer directly is refused by every RPC."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from swarm import AutoDistributedModelForCausalLM
 from swarm.cli import build_parser
 from swarm.client._sync import run_sync
+from swarm.client.metrics import client_metrics
 from swarm.client.transport import call_forward, call_info
 from swarm.errors import ConfigError, InvalidRequest
 from swarm.protocol import SpanRequest
@@ -24,6 +26,7 @@ from tests.model_factory import FIRST_ORDINARY_TOKEN, VOCAB_SIZE
 pytestmark = pytest.mark.slow
 
 NUM_BLOCKS = 2
+SPANS = [(0, 1), (1, NUM_BLOCKS)]
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +46,12 @@ def swarm_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def private_swarm(model_dir, swarm_key, make_swarm) -> LocalSwarm:  # type: ignore[no-untyped-def]
-    return make_swarm(model_dir, [(0, NUM_BLOCKS)], swarm_key=swarm_key)
+    return make_swarm(model_dir, SPANS, swarm_key=swarm_key)
 
 
 def test_members_generate_as_in_an_open_swarm(model_dir, swarm_key, private_swarm, connect) -> None:  # type: ignore[no-untyped-def]
-    model = connect(model_dir, private_swarm, swarm_key=str(swarm_key))
+    model = connect(model_dir, private_swarm, swarm_key=str(swarm_key), verify_rate=0.0)
+    forwarded = client_metrics().forwarded_steps._value.get()
     prompt = torch.randint(FIRST_ORDINARY_TOKEN, VOCAB_SIZE, (1, 5), generator=torch.Generator().manual_seed(0))
     expected = (
         AutoModelForCausalLM.from_pretrained(model_dir)
@@ -55,6 +59,7 @@ def test_members_generate_as_in_an_open_swarm(model_dir, swarm_key, private_swar
         .generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None)
     )
     assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None), expected)
+    assert client_metrics().forwarded_steps._value.get() == forwarded + 6  # every step, peer to peer, accepted
 
 
 def test_outsiders_cannot_join_the_dht(model_dir, private_swarm, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -84,11 +89,11 @@ def test_a_peer_refuses_calls_without_the_swarms_token(private_swarm, swarm_key,
         with pytest.raises(InvalidRequest, match="private swarm"):
             run_sync(call_info(p2p, peer_id, timeout=30))
         with pytest.raises(InvalidRequest, match="private swarm"):
-            run_sync(call_forward(p2p, peer_id, SpanRequest(0, NUM_BLOCKS), torch.zeros(1, 2, 64), timeout=30))
+            run_sync(call_forward(p2p, peer_id, SpanRequest(*SPANS[0]), torch.zeros(1, 2, 64), timeout=30))
         with pytest.raises(InvalidRequest, match="private swarm"):
             run_sync(call_info(KeyedP2P(p2p, SwarmKey.load(other_key)), peer_id, timeout=30))
         info = run_sync(call_info(KeyedP2P(p2p, SwarmKey.load(swarm_key)), peer_id, timeout=30))
-        assert (info.start, info.end) == (0, NUM_BLOCKS)  # the same call with the token: answered
+        assert (info.start, info.end) == SPANS[0]  # the same call with the token: answered
         run_sync(p2p.shutdown())
     finally:
         outsider.shutdown()

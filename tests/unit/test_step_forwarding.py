@@ -185,12 +185,19 @@ def test_two_open_sessions_cannot_share_an_id() -> None:
 def test_a_session_opened_ahead_of_its_first_step_takes_that_step_forwarded() -> None:
     async def run() -> None:
         handler = _handler()
+        opened, open_session = asyncio.Event(), handler.forwarded.open
+
+        def noted_open(session: str) -> asyncio.Queue:
+            inbox = open_session(session)
+            opened.set()
+            return inbox
+
+        handler.forwarded.open = noted_open  # type: ignore[method-assign]
         first, second = _Session(handler, "s1"), _Session(handler, "s2")
         first.open_ahead()
         second.open_ahead()
         second_reply = asyncio.ensure_future(second.reply())  # the handler reads the opening, sets the session up
-        while "s2" not in handler.forwarded._inboxes:
-            await asyncio.sleep(0.01)
+        await opened.wait()
         first.send(1.0, step=0, forward_to=(ForwardTarget(HERE.to_base58(), "s2", 0, 5.0),))
         assert await first.reply() == (2.0, True)
         assert await second_reply == (3.0, False)
