@@ -111,6 +111,17 @@ class StepSource:
         except StopAsyncIteration:
             return None
 
+    async def rest(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        """What the client still sends, the read already pending first."""
+        if self._from_client is not None:
+            from_client, self._from_client = self._from_client, None
+            try:
+                yield await from_client
+            except StopAsyncIteration:
+                return
+        async for request in self._requests:
+            yield request
+
     def close(self) -> None:
         if self._from_client is not None and not self._from_client.done():
             self._from_client.cancel()

@@ -373,8 +373,10 @@ class BlockHandler:
                 logger.debug("Session from %s closed", peer)
         except _Refusal as e:
             yield messages.error_response(e.reply)
+            await self._drop_rest(requests if steps is None else steps.rest())
         except Exception as e:
             yield messages.error_response(self._classify(e, peer))
+            await self._drop_rest(requests if steps is None else steps.rest())
         finally:
             if steps is not None:
                 steps.close()
@@ -593,8 +595,9 @@ class BlockHandler:
     @staticmethod
     async def _drop_rest(requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> None:
         """Read what the caller still sends after a refusal and drop it: a stream closed with unread data is reset,
-        and the refusal sent just before can be lost with it. Gives up after `DROP_REST_TIMEOUT`."""
-        with contextlib.suppress(TimeoutError):
+        and the refusal sent just before can be lost with it. Gives up after `DROP_REST_TIMEOUT`, or when the
+        stream breaks."""
+        with contextlib.suppress(Exception):
             async with asyncio_timeout(DROP_REST_TIMEOUT):
                 async for _ in requests:
                     pass

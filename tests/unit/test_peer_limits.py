@@ -1,14 +1,14 @@
 """Per-client shares and message sizes on the peer: `PerClientLimit`, the derived --max-message-bytes, and the
 handler refusing over-size messages before decoding them and freeing a client's session however it ends.
 
-The handler runs here on a fake one-block runtime that echoes hidden states, so no model is loaded."""
+The handler runs here on a fake one-block runtime that echoes hidden states (tests/unit/fake_blocks.py), so no model
+is loaded."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 from collections.abc import AsyncIterator, Coroutine
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -25,8 +25,8 @@ from swarm import messages
 from swarm.compression import serialize_tensor
 from swarm.errors import ConfigError
 from swarm.protocol import ErrorKind, ErrorReply, InferenceOpen, InferenceStep, SpanRequest
+from tests.unit.fake_blocks import HIDDEN, FakeRuntime
 
-HIDDEN = 4
 LIMIT_BYTES = 4096
 CLIENT_A, CLIENT_B = PeerID(b"client-a"), PeerID(b"client-b")
 
@@ -77,26 +77,6 @@ def test_parse_size_names_the_flag() -> None:
         parse_size("lots", "--max-message-bytes")
 
 
-class _EchoSpan:
-    hidden_size, device, dtype, blocks = HIDDEN, torch.device("cpu"), torch.float32, ()
-
-    def new_cache(self, max_length: int | None = None) -> SimpleNamespace:
-        return SimpleNamespace(get_seq_length=lambda: 0)
-
-
-class _EchoRuntime:
-    start, end = 0, 1
-
-    def span(self, start: int, end: int) -> _EchoSpan:
-        return _EchoSpan()
-
-    async def inference_step(self, span: _EchoSpan, cache: Any, hidden: torch.Tensor, *args: Any) -> torch.Tensor:
-        return hidden
-
-    async def forward(self, span: _EchoSpan, hidden: torch.Tensor, adapters: Any) -> torch.Tensor:
-        return hidden
-
-
 def _handler(*, sessions: int = 2, idle_timeout: float = 10.0) -> BlockHandler:
     limits = HandlerLimits(
         inference_max_length=1024,
@@ -106,7 +86,7 @@ def _handler(*, sessions: int = 2, idle_timeout: float = 10.0) -> BlockHandler:
         max_requests_per_client=2,
         max_message_bytes=LIMIT_BYTES,
     )
-    return BlockHandler(_EchoRuntime(), KVCacheBudget(10**6), limits, lambda: None)  # type: ignore[arg-type,return-value]
+    return BlockHandler(FakeRuntime(), KVCacheBudget(10**6), limits, lambda: None)  # type: ignore[arg-type,return-value]
 
 
 def _context(client: PeerID) -> P2PContext:

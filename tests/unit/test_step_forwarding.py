@@ -1,7 +1,8 @@
 """Steps forwarded from peer to peer (peer/forwarding.py), on the handler itself: a forwarded step is answered on
 the client's stream, a step that arrives twice runs once, and pushes that name no open session are refused.
 
-The handler runs on a fake one-block runtime that adds 1 to the hidden states, so each run of a step shows."""
+The handler runs on a fake one-block runtime that adds 1 to the hidden states (tests/unit/fake_blocks.py), so each
+run of a step shows."""
 
 from __future__ import annotations
 
@@ -18,27 +19,10 @@ from peer.handler import BlockHandler, HandlerLimits
 from peer.kv_cache import KVCacheBudget
 from swarm import messages
 from swarm.protocol import ErrorKind, ForwardedStep, ForwardTarget, InferenceOpen, InferenceStep
+from tests.unit.fake_blocks import HIDDEN, FakeRuntime
 
-HIDDEN = 4
 HERE = PeerID(b"peer")
 CLIENT = PeerID(b"client")
-
-
-class _AddOneSpan:
-    hidden_size, device, dtype, blocks = HIDDEN, torch.device("cpu"), torch.float32, ()
-
-    def new_cache(self, max_length: int | None = None) -> SimpleNamespace:
-        return SimpleNamespace(get_seq_length=lambda: 0)
-
-
-class _AddOneRuntime:
-    start, end = 0, 1
-
-    def span(self, start: int, end: int) -> _AddOneSpan:
-        return _AddOneSpan()
-
-    async def inference_step(self, span: _AddOneSpan, cache: Any, hidden: torch.Tensor, *args: Any) -> torch.Tensor:
-        return hidden + 1
 
 
 def _handler() -> BlockHandler:
@@ -46,7 +30,7 @@ def _handler() -> BlockHandler:
         inference_max_length=64, max_batch_size=1, session_idle_timeout=10.0, max_sessions_per_client=4,
         max_requests_per_client=2, max_message_bytes=2**20,
     )  # fmt: skip
-    handler = BlockHandler(_AddOneRuntime(), KVCacheBudget(10**6), limits, lambda: None)  # type: ignore[arg-type,return-value]
+    handler = BlockHandler(FakeRuntime(offset=1.0), KVCacheBudget(10**6), limits, lambda: None)  # type: ignore[arg-type,return-value]
     handler._p2p = SimpleNamespace(peer_id=HERE)  # type: ignore[assignment]  # pushes to this peer stay local
     return handler
 
@@ -159,7 +143,7 @@ def test_pushes_to_no_open_session_are_refused_and_a_step_ahead_of_the_session_e
         session.send(1.0, step=5)
         error = messages.error_of(messages.unpack_metadata((await anext(session.replies)).metadata))
         assert error is not None and "step 5 came before step 1" in error.message
-        assert [reply async for reply in session.replies] == []  # the stream ends after the refusal
+        await session.close()  # the peer reads the stream to its end after a refusal, then ends it
         assert handler.sessions.held_by(CLIENT) == 0
         assert not _taken(handler, "s", 1.0, step=1)  # the ended session takes no more pushes
 
