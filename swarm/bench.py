@@ -100,6 +100,7 @@ class BenchResult:
     decode_ratio: float  # swarm / local
     unforwarded_decode_tokens_per_s: float  # the swarm's decode with each step sent to every span by the client
     forwarding_ratio: float  # swarm decode (peers forward steps to each other) / unforwarded
+    unforwarded_ttft_s: float  # the swarm's time to first token likewise
     local_ttft_s: float
     swarm_ttft_s: float
     ttft_ratio: float  # swarm / local
@@ -131,6 +132,8 @@ class BenchResult:
              f"forwarding: {self.forwarding_ratio:.2f}x"),
             ("time to first token", f"{self.local_ttft_s * 1000:.0f} ms", f"{self.swarm_ttft_s * 1000:.0f} ms",
              f"{self.ttft_ratio:.2f}x"),
+            ("  without forwarding between peers", "", f"{self.unforwarded_ttft_s * 1000:.0f} ms",
+             f"forwarding: {self.swarm_ttft_s / self.unforwarded_ttft_s:.2f}x"),
             (f"{self.clients} concurrent sessions, tokens/s", "", f"{self.concurrent_tokens_per_s:.1f}",
              f"{self.concurrency_ratio:.2f}x one session"),
             ("  the same without the LM heads, steps/s", "", f"{self.headless_steps_per_s:.1f}",
@@ -261,6 +264,7 @@ def _measure(
         decode_ratio=swarm_rate / local_rate,
         unforwarded_decode_tokens_per_s=unforwarded.decode_tokens_per_s,
         forwarding_ratio=swarm_rate / unforwarded.decode_tokens_per_s,
+        unforwarded_ttft_s=unforwarded.ttft_s,
         local_ttft_s=local_ttft,
         swarm_ttft_s=swarm_ttft,
         ttft_ratio=swarm_ttft / local_ttft,

@@ -137,8 +137,8 @@ def test_bench_reports_every_figure_with_tokens_equal_local(tmp_path: Path) -> N
     assert result["tokens_equal_local"] and result["speculative_tokens_equal_local"]
     assert (result["device"], result["dtype"]) == ("cpu", "float32")
     figures = (
-        "swarm_decode_tokens_per_s", "swarm_ttft_s", "concurrent_tokens_per_s", "headless_steps_per_s",
-        "pipelined_prefill_s",
+        "swarm_decode_tokens_per_s", "swarm_ttft_s", "unforwarded_decode_tokens_per_s", "unforwarded_ttft_s",
+        "concurrent_tokens_per_s", "headless_steps_per_s", "pipelined_prefill_s",
     )  # fmt: skip
     for figure in figures:
         assert result[figure] > 0, figure
