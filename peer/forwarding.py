@@ -9,9 +9,11 @@ a real network the client's round trips are the long ones.
 The client names the targets in the step (`InferenceStep.forward_to`), for each later span: its peer, the random
 id of the session there, which the client tells no one else, the step's number in that session, and how long the
 push may take (half the client's own timeout for the pushing peer's answer). Each peer sends its output on to the
-first target, with the rest. The pushing peer waits
-until the target has taken the step, then answers the client with `{"forwarded": true}`; if the push failed the
-client sends the step itself. Steps are numbered, so one that arrives both ways is run once.
+first target, with the rest, as the client would have sent it (decoded under the wire compression, narrowed to the
+target's compute dtype). The pushing peer waits until the target has taken the step, then answers the client with
+`{"forwarded": true}`; if the push failed the client sends the step itself. Steps are numbered, so one that
+arrives both ways is run once. The answer to a forwarded step carries a digest of what it ran on, which the client
+compares with what the pushing peer answered it (swarm/client/session.py).
 """
 
 from __future__ import annotations

@@ -6,8 +6,11 @@ import pytest
 
 from swarm.errors import ProtocolError
 from swarm.protocol import (
+    MAX_FORWARD_TARGETS,
     ErrorKind,
     ErrorReply,
+    ForwardedStep,
+    ForwardTarget,
     InferenceOpen,
     InferenceStep,
     ModelRecord,
@@ -79,6 +82,29 @@ def test_request_metadata_round_trips_and_validates() -> None:
             InferenceStep.from_wire(bad)
     with pytest.raises(ProtocolError):
         InferenceOpen.from_wire({"start": 0, "end": 4, "max_length": 0, "batch_size": 1})
+
+
+def test_forwarding_metadata_round_trips_and_validates() -> None:
+    target = ForwardTarget("QmPeer", "ab12", step=3, timeout=1.5, dtype="bfloat16")
+    step = InferenceStep(position=9, step=4, forward_to=(target, target))
+    assert InferenceStep.from_wire(step.to_wire()) == step
+    assert InferenceStep(position=9).to_wire() == {"position": 9, "step": -1}  # no targets: nothing on the wire
+    pushed = ForwardedStep("ab12", position=9, step=3, forward_to=(target,))
+    assert ForwardedStep.from_wire(pushed.to_wire()) == pushed
+    assert InferenceStep.from_wire(pushed.to_wire()) == InferenceStep(9, 3, (target,))  # the session reads it so
+    for bad in (
+        {"position": 1, "forward_to": {"peer_id": "p"}},  # not a list
+        {"position": 1, "forward_to": [{"peer_id": "p", "session": "", "step": 0, "timeout": 1.0}]},  # no session
+        {"position": 1, "forward_to": [{"peer_id": "p", "session": "s", "step": 0, "timeout": 0}]},  # no time
+        {"position": 1, "forward_to": [{"peer_id": "p", "session": "s", "step": -1, "timeout": 1.0}]},
+        {"position": 1, "forward_to": [target.to_wire()] * (MAX_FORWARD_TARGETS + 1)},
+    ):
+        with pytest.raises(ProtocolError):
+            InferenceStep.from_wire(bad)
+    with pytest.raises(ProtocolError):
+        InferenceOpen.from_wire({"start": 0, "end": 4, "max_length": 8, "batch_size": 1, "session": "x" * 65})
+    with pytest.raises(ProtocolError):
+        ForwardedStep.from_wire({"session": "", "position": 0, "step": 0})
 
 
 def test_error_reply_kinds_are_closed() -> None:
