@@ -29,6 +29,9 @@ PARAM_ATOL = 1e-6  # uncompressed averaging: trainers that share every round tak
 TRAINER_TIMEOUT = 150.0  # seconds for a trainer to start, train and save on 2 busy cores
 MATCHMAKING_TIME = 2.0
 AVERAGING_TIMEOUT = 5.0
+# trainers whose adapters must end equal have to meet in every round: more patience than the other tests', since a
+# trainer that gives up on a busy machine steps alone
+PATIENCE = ("--matchmaking-time", str(2 * MATCHMAKING_TIME), "--averaging-timeout", str(6 * AVERAGING_TIMEOUT))
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +108,7 @@ def _finish(trainer: SwarmProcess) -> Path:
 def test_two_trainers_average_gradients_and_end_with_equal_adapters(start_trainer) -> None:  # type: ignore[no-untyped-def]
     max_steps = 4
     trainers = [
-        start_trainer(name, "run-agree", max_steps, "--compression", "none", *flags)
+        start_trainer(name, "run-agree", max_steps, "--compression", "none", *PATIENCE, *flags)
         for name, flags in [("a", ["--metrics-port", "0"]), ("b", [])]
     ]
     url = trainers[0].wait_for_line(METRICS_LINE, TRAINER_TIMEOUT).group(1)
@@ -161,10 +164,7 @@ def test_local_steps_average_once_per_h_steps_and_end_with_equal_adapters(start_
     The target batch (512) is the other tests': each trainer's first epoch must outlast hivemind's first refresh of
     the run's progress (3 s), or both trainers take it alone (10 ms steps here) and start apart."""
     max_steps, local_steps = 4, 4
-    # the adapters end equal only if both trainers meet in the last round: more patience than the other tests',
-    # since a trainer that gives up on a busy machine steps alone
-    patience = ["--matchmaking-time", str(2 * MATCHMAKING_TIME), "--averaging-timeout", str(6 * AVERAGING_TIMEOUT)]
-    flags = ["--compression", "none", "--local-steps", str(local_steps), *patience]
+    flags = ["--compression", "none", "--local-steps", str(local_steps), *PATIENCE]
     trainers = [start_trainer(name, "run-local-steps", max_steps, *flags) for name in ("a", "b")]
     saved = [_finish(trainer) for trainer in trainers]
 
