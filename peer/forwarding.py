@@ -80,14 +80,18 @@ class StepSource:
     previous span's peer: whichever comes first. At most one read of the client's stream is pending at a time, so
     a client cannot queue steps faster than they run."""
 
-    def __init__(
-        self,
-        requests: AsyncIterator[runtime_pb2.ExpertRequest],
-        forwarded: asyncio.Queue[runtime_pb2.ExpertRequest] | None,
-    ):
+    def __init__(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
         self._requests = requests
-        self._forwarded = forwarded
+        self._forwarded: asyncio.Queue[runtime_pb2.ExpertRequest] | None = None
         self._from_client: asyncio.Future[runtime_pb2.ExpertRequest] | None = None
+
+    def take_forwarded(self, forwarded: asyncio.Queue[runtime_pb2.ExpertRequest] | None) -> None:
+        """From now on, also the steps put in `forwarded` (the session's, once it is open; None: none)."""
+        self._forwarded = forwarded
+
+    @property
+    def takes_forwarded(self) -> bool:
+        return self._forwarded is not None
 
     async def next(self, timeout: float) -> IncomingStep | None:
         """The next step, or None once the client ended its stream. Raises TimeoutError after `timeout` seconds

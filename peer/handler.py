@@ -312,12 +312,13 @@ class BlockHandler:
         Steps come from the client's stream and, when the session has an id, pushed by the previous span's peer
         (peer/forwarding.py); numbered steps run once and in order."""
         peer = short_id(context.remote_id)
-        steps: StepSource | None = None
+        steps = StepSource(requests)
         session_open: InferenceOpen | None = None
         try:
-            first = await self._next_request(requests)
-            if first is None:
+            incoming = await self._next_step(steps)
+            if incoming is None:
                 return
+            first = incoming.request
             metadata = messages.unpack_metadata(first.metadata)
             if "open" not in metadata:
                 raise ProtocolError("the first message of an inference stream must carry 'open'")
@@ -325,7 +326,7 @@ class BlockHandler:
             span = self._span(session_open.start, session_open.end)
             self._check_session(session_open)
             with self.sessions.hold(context.remote_id), self.budget.reserve(session_open.cache_tokens):
-                steps = StepSource(requests, self._forwarded_inbox(session_open))
+                steps.take_forwarded(self._forwarded_inbox(session_open))
                 tensors = messages.tensors_of(first)
                 opened_ahead = "position" not in metadata  # the opening alone, ahead of the first step
                 adapters = None
@@ -342,9 +343,8 @@ class BlockHandler:
                         adapters = adapters.on(span.device, span.dtype)  # once: every step of the session applies them
                 logger.debug("Session from %s opened: blocks %d:%d", peer, session_open.start, session_open.end)
                 cache = span.new_cache(session_open.max_length)
-                incoming: IncomingStep | None = (
-                    await self._next_step(steps) if opened_ahead else IncomingStep(first, forwarded=False)
-                )
+                if opened_ahead:
+                    incoming = await self._next_step(steps)
                 next_step = 0  # the number of the session's next numbered step
                 while incoming is not None:
                     if incoming.request is not first:
@@ -373,17 +373,17 @@ class BlockHandler:
                 logger.debug("Session from %s closed", peer)
         except _Refusal as e:
             yield messages.error_response(e.reply)
-            await self._drop_rest(requests if steps is None else steps.rest())
+            await self._drop_rest(steps.rest())
         except Exception as e:
             yield messages.error_response(self._classify(e, peer))
-            await self._drop_rest(requests if steps is None else steps.rest())
+            await self._drop_rest(steps.rest())
         finally:
-            if steps is not None:
-                steps.close()
-                if session_open is not None and session_open.session:
-                    self.forwarded.close(session_open.session)
+            steps.close()
+            if steps.takes_forwarded and session_open is not None:
+                self.forwarded.close(session_open.session)
 
     def _forwarded_inbox(self, session_open: InferenceOpen) -> asyncio.Queue[runtime_pb2.ExpertRequest] | None:
+        """The session's queue of forwarded steps, registered under its id (None: it has no id, takes none)."""
         if not session_open.session:
             return None
         try:
@@ -568,18 +568,6 @@ class BlockHandler:
         if incoming is not None:
             self._check_size(incoming.request.ByteSize(), "an inference step")
         return incoming
-
-    async def _next_request(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest]
-    ) -> runtime_pb2.ExpertRequest | None:
-        try:
-            request = await asyncio.wait_for(anext(requests), timeout=self.limits.session_idle_timeout)
-        except StopAsyncIteration:
-            return None
-        except asyncio.TimeoutError:
-            raise _Refusal(ErrorKind.BAD_REQUEST, "session idle for too long; closed") from None
-        self._check_size(request.ByteSize(), "an inference step")
-        return request
 
     async def _read_chunks(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> list[runtime_pb2.ExpertRequest]:
         """Every message of a chunked stream, undecoded: the stream is refused as soon as it grows past
