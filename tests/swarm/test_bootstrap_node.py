@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +17,8 @@ import pytest
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
-from swarm.process import ProcessInfo, SwarmProcess, descendants
+from swarm.dht import start_dht
+from swarm.process import ProcessInfo, SwarmProcess, descendants, read_process
 
 SWARM_DHT = Path(sys.executable).parent / "swarm-dht"
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -119,3 +123,31 @@ def test_signal_shuts_down_cleanly(start_bootstrap: StartBootstrap, signal_numbe
     assert process.wait(STOP_TIMEOUT) == 0, process.output()
     assert wait_until_gone(tree, timeout=5.0) == []
     assert "shutting down" in process.output("stderr")
+
+
+def test_ctrl_c_while_a_dht_starts_stops_it_then_interrupts(start_bootstrap: StartBootstrap) -> None:
+    """Ctrl-C while `start_dht` forks and joins (a demo stopped as its client connects) is held until the DHT is up,
+    then the DHT is shut down and the Ctrl-C raised: it is neither lost nor leaves a p2pd behind."""
+    maddr, _ = wait_for_initial_peer(start_bootstrap())
+    p2pds_before = {info.pid for info in running_p2pds()}
+    ctrl_c = threading.Thread(target=press_ctrl_c_once_held, args=(signal.getsignal(signal.SIGINT),), daemon=True)
+    ctrl_c.start()
+    with pytest.raises(KeyboardInterrupt):
+        start_dht([maddr], host_maddrs=[LOOPBACK])
+    ctrl_c.join(timeout=5.0)
+    assert not ctrl_c.is_alive()
+    assert multiprocessing.active_children() == []
+    assert [info for info in running_p2pds() if info.pid not in p2pds_before] == []
+
+
+def press_ctrl_c_once_held(unheld: object) -> None:
+    """SIGINT to this process as soon as `start_dht` holds it back, i.e. while it starts the DHT."""
+    while signal.getsignal(signal.SIGINT) is unheld:
+        time.sleep(0.001)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def running_p2pds() -> list[ProcessInfo]:
+    """Every p2pd on this machine, orphans included."""
+    found = (read_process(int(entry.name)) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    return [info for info in found if info is not None and info.name == "p2pd" and info.is_running()]
