@@ -12,8 +12,9 @@ push may take (half the client's own timeout for the pushing peer's answer). Eac
 first target, with the rest, as the client would have sent it (decoded under the wire compression, narrowed to the
 target's compute dtype). The pushing peer waits until the target has taken the step, then answers the client with
 `{"forwarded": true}`; if the push failed the client sends the step itself. Steps are numbered, so one that
-arrives both ways is run once. The answer to a forwarded step carries a digest of what it ran on, which the client
-compares with what the pushing peer answered it (swarm/client/session.py).
+arrives both ways is run once, and one pushed ahead of a step the client still sends (the chunks of a pipelined
+prompt, sent to the first span at once) waits for it. The answer to a forwarded step carries a digest of what it
+ran on, which the client compares with what the pushing peer answered it (swarm/client/session.py).
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ class StepSource:
         self._requests = requests
         self._forwarded: asyncio.Queue[runtime_pb2.ExpertRequest] | None = None
         self._from_client: asyncio.Future[runtime_pb2.ExpertRequest] | None = None
+        self._held: runtime_pb2.ExpertRequest | None = None  # a forwarded step that came early (`hold_back`)
+        self._held_due = False  # the client sent a step since: the held one comes next
 
     def take_forwarded(self, forwarded: asyncio.Queue[runtime_pb2.ExpertRequest] | None) -> None:
         """From now on, also the steps put in `forwarded` (the session's, once it is open; None: none)."""
@@ -93,13 +96,23 @@ class StepSource:
     def takes_forwarded(self) -> bool:
         return self._forwarded is not None
 
+    def hold_back(self, request: runtime_pb2.ExpertRequest) -> None:
+        """Keep a forwarded step that came before a step the client still sends itself (its push had failed, and
+        the pushes of the client's later pipelined chunks did not): until the client's next step has come, only
+        the client's stream is read; then the held step comes again."""
+        self._held, self._held_due = request, False
+
     async def next(self, timeout: float) -> IncomingStep | None:
         """The next step, or None once the client ended its stream. Raises TimeoutError after `timeout` seconds
         without one."""
+        if self._held is not None and self._held_due:
+            held, self._held = self._held, None
+            return IncomingStep(held, forwarded=True)
         if self._from_client is None:
             self._from_client = asyncio.ensure_future(anext(self._requests))
         waiting: set[asyncio.Future] = {self._from_client}
-        from_peer = None if self._forwarded is None else asyncio.ensure_future(self._forwarded.get())
+        reads_forwarded = self._forwarded is not None and self._held is None
+        from_peer = asyncio.ensure_future(self._forwarded.get()) if reads_forwarded else None
         if from_peer is not None:
             waiting.add(from_peer)
         try:
@@ -112,6 +125,7 @@ class StepSource:
         if not done:
             raise TimeoutError
         from_client, self._from_client = self._from_client, None
+        self._held_due = True
         try:
             return IncomingStep(from_client.result(), forwarded=False)
         except StopAsyncIteration:

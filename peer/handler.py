@@ -354,7 +354,11 @@ class BlockHandler:
                         incoming = await self._next_step(steps)
                         continue
                     if step.step > next_step:
-                        raise ProtocolError(f"step {step.step} came before step {next_step}")
+                        if not incoming.forwarded:
+                            raise ProtocolError(f"step {step.step} came before step {next_step}")
+                        steps.hold_back(incoming.request)  # the client sends the steps before it
+                        incoming = await self._next_step(steps)
+                        continue
                     if step.step >= 0:
                         next_step += 1
                     if incoming.request is not first:

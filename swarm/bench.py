@@ -17,6 +17,7 @@ evenly), so the figures measure this implementation's overhead, not a network. I
   * speculative decoding with `--draft MODEL` (greedy; the local model itself when not given): tokens/s and the
     draft's acceptance rate;
   * the prefill of a `--long-prompt` prompt pipelined in chunks of `--prefill-chunk` tokens, against sent whole;
+    and pipelined with forwarding between peers off;
   * for each wire compression (none, fp16, 8bit): decode tokens/s, the error of the prompt's logits against the
     local model's, and whether the greedy tokens stay equal.
 
@@ -119,6 +120,7 @@ class BenchResult:
     whole_prefill_s: float  # the long prompt sent whole to one span after another
     pipelined_prefill_s: float  # the same prompt in chunks flowing down the route
     pipelined_ratio: float  # pipelined / whole
+    unforwarded_pipelined_prefill_s: float  # the pipelined prefill with each chunk sent to every span by the client
     wire: list[WireResult]
     device: str
     dtype: str
@@ -143,6 +145,8 @@ class BenchResult:
              f"{'equal' if self.speculative_tokens_equal_local else 'DIFFER'})"),
             (f"prefill of {self.long_prompt} tokens, pipelined", "", f"{self.pipelined_prefill_s * 1000:.0f} ms",
              f"{self.pipelined_ratio:.2f}x whole ({self.whole_prefill_s * 1000:.0f} ms)"),
+            ("  without forwarding between peers", "", f"{self.unforwarded_pipelined_prefill_s * 1000:.0f} ms",
+             f"forwarding: {self.pipelined_prefill_s / self.unforwarded_pipelined_prefill_s:.2f}x"),
             *((f"wire {w.compression}: decode tokens/s", "", f"{w.decode_tokens_per_s:.1f}",
                f"logits max error {w.max_logit_error:.2g}, relative {w.relative_logit_error:.2g}, "
                f"tokens {'equal' if w.tokens_equal_local else 'DIFFER'}") for w in self.wire),
@@ -247,6 +251,8 @@ def _measure(
     ).to(options.device)
     whole = _prefill_seconds(model, long_prompt, 0, options.repeats)
     pipelined = _prefill_seconds(model, long_prompt, options.prefill_chunk, options.repeats)
+    with _client_config(model, forward_steps=False):
+        unforwarded_pipelined = _prefill_seconds(model, long_prompt, options.prefill_chunk, options.repeats)
     plain_rate = options.new_tokens / swarm_timing.total_s  # whole calls, as the speculative ones are timed
     with torch.no_grad():
         local_logits = local(prompt).logits
@@ -281,6 +287,7 @@ def _measure(
         whole_prefill_s=whole,
         pipelined_prefill_s=pipelined,
         pipelined_ratio=pipelined / whole,
+        unforwarded_pipelined_prefill_s=unforwarded_pipelined,
         wire=wire,
         device=options.device,
         dtype=str(local.dtype).removeprefix("torch."),

@@ -50,6 +50,7 @@ from swarm.protocol import ForwardTarget, InferenceOpen
 logger = logging.getLogger(__name__)
 
 RECENT_STEPS = 8  # decode-step durations remembered per span for the adaptive timeout
+_FORWARDED_OTHER_STATES = "forwarded other hidden states to the next span than it answered"
 
 
 class _OtherInputsForwarded(Exception):
@@ -214,6 +215,8 @@ class InferenceSession:
         never be left with a request in flight), the failed span is replaced as in any step, and the caller sends
         the step again from `position`: nothing was recorded, and the peers that got further roll back."""
         chunks = hidden_states.split(chunk, dim=1)
+        if self.swarm.config.forward_steps and all(c.stream.takes_forwarded_steps for c in self._connections[1:]):
+            return await self._pipelined_forwarded(chunks)
         queues: list[asyncio.Queue[torch.Tensor | None]] = [asyncio.Queue() for _ in range(len(self._connections) + 1)]
         for part in chunks:
             queues[0].put_nowait(part)
@@ -244,6 +247,71 @@ class InferenceSession:
         for connection, parts in zip(self._connections, received, strict=True):
             connection.inputs.append(torch.cat(parts, dim=1))
         return torch.cat([queues[-1].get_nowait() for _ in chunks], dim=1)
+
+    async def _pipelined_forwarded(self, chunks: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """`_pipelined` with forwarding: the client sends every chunk to the first span at once, each to be
+        forwarded down the whole route, and each peer runs the chunks as they come and sends them on, so that no
+        chunk waits for the client between spans. The client reads every span's answers, checks each forwarded
+        chunk against what the span before answered it, and sends a chunk on itself where a push failed (a peer
+        runs a later chunk pushed to it early in its turn).
+
+        A failed span, or one that forwarded other hidden states than it answered, leaves answers in flight on
+        the route's streams that nobody expects: the whole route is replaced (the failed peer left out) and
+        rebuilt from the session's history, and the caller sends the step again span by span."""
+        connections = self._connections
+        first_step = [c.stream.steps for c in connections]  # each stream's number for the first chunk
+        starts = [self.position + sum(part.shape[1] for part in chunks[:k]) for k in range(len(chunks))]
+        timeout = self.swarm.config.request_timeout
+
+        def targets(index: int, k: int) -> tuple[ForwardTarget, ...]:
+            following = enumerate(connections[index + 1 :], start=index + 1)
+            return tuple(c.stream.forward_target(timeout / 2, c.span.dtype, first_step[j] + k) for j, c in following)
+
+        # each span's input chunks, as the span before answered them, and whether they were forwarded to it
+        queues: list[asyncio.Queue[tuple[torch.Tensor, bool]]] = [asyncio.Queue() for _ in connections]
+        received: list[list[torch.Tensor]] = [[] for _ in connections]
+        outputs: list[torch.Tensor] = []
+
+        async def send_all() -> None:
+            head = connections[0]
+            for k, part in enumerate(chunks):
+                await head.stream.send(in_compute_dtype(part, head.span.dtype), starts[k], timeout, targets(0, k))
+                queues[0].put_nowait((part, False))
+
+        async def run(index: int, connection: _SpanConnection) -> None:
+            for k in range(len(chunks)):
+                part, forwarded = await queues[index].get()
+                if index == 0:
+                    reply = await connection.stream.reply(part.shape[:2], timeout)
+                elif forwarded:
+                    reply = await connection.stream.forwarded_step(part.shape[:2], timeout)
+                    self._metrics.forwarded_steps.inc()
+                    if reply.input_digest != self._digest_as_sent(connection, part):
+                        raise PeerFaulty(connections[index - 1].span.peer_id, _FORWARDED_OTHER_STATES)
+                else:
+                    reply = await self._send(connection, part, starts[k], targets(index, k))
+                received[index].append(part)
+                if index + 1 < len(connections):
+                    queues[index + 1].put_nowait((reply.outputs, reply.forwarded))
+                else:
+                    outputs.append(reply.outputs)
+
+        tasks = [asyncio.ensure_future(send_all())]
+        tasks += [asyncio.ensure_future(run(i, c)) for i, c in enumerate(connections)]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:  # the first failure stops the rest at once: the whole route is replaced anyway
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled() and (error := task.exception()) is not None:
+                if isinstance(error, RETRYABLE_ERRORS):
+                    await self._replace(0, error, end_index=len(connections))
+                raise error
+        for connection, parts in zip(connections, received, strict=True):
+            connection.inputs.append(torch.cat(parts, dim=1))
+        return torch.cat(outputs, dim=1)
 
     def rollback(self, position: int) -> None:
         """Forget every token from `position` on: the next step starts there, and each peer drops the rest of its
@@ -312,7 +380,7 @@ class InferenceSession:
             self._metrics.forwarded_steps.inc()
         previous = self._connections[index - 1]
         hidden_states = previous.inputs.pop()  # the step goes through its replacement again
-        error = PeerFaulty(previous.span.peer_id, "forwarded other hidden states to the next span than it answered")
+        error = PeerFaulty(previous.span.peer_id, _FORWARDED_OTHER_STATES)
         await self._replace(index - 1, error)
         return index - 1, hidden_states
 
@@ -380,19 +448,23 @@ class InferenceSession:
         else:
             self.swarm.ban(peer_id, str(error))
 
-    async def _replace(self, index: int, error: SwarmError) -> None:
-        """Swap the failed connection at `index` for new ones over the same blocks, with their caches rebuilt."""
-        failed = self._connections.pop(index)
-        peer_id = getattr(error, "peer_id", None) or failed.span.peer_id
+    async def _replace(self, index: int, error: SwarmError, end_index: int | None = None) -> None:
+        """Swap the failed connection at `index` for new ones over the same blocks, with their caches rebuilt.
+        With `end_index`, the connections from `index` to `end_index` are swapped together: `error` names the
+        failed one among them, and the others' streams can no longer be trusted to be in step."""
+        failed = self._connections[index : index + 1 if end_index is None else end_index]
+        del self._connections[index : index + len(failed)]
+        peer_id = getattr(error, "peer_id", None) or failed[0].span.peer_id
         self._leave_out(peer_id, error)
-        await failed.stream.abort()
-        history = torch.cat(failed.inputs, dim=1) if failed.inputs else None
-        span = failed.span
+        for connection in failed:
+            await connection.stream.abort()
+        history = torch.cat(failed[0].inputs, dim=1) if failed[0].inputs else None
+        start, end = failed[0].span.start, failed[-1].span.end
         last_error: SwarmError = error
         for attempt in range(1, self.swarm.config.max_retries + 1):
             began = time.perf_counter()
             try:
-                replacement = await self._connect(span.start, span.end, history)
+                replacement = await self._connect(start, end, history)
             except MissingBlocksError:
                 if isinstance(last_error, RequestRejected):
                     raise last_error from None  # every peer of these blocks is full or leaving: say so
@@ -407,13 +479,13 @@ class InferenceSession:
             self._metrics.reroutes.inc()
             logger.warning(
                 "Rerouted blocks %d:%d away from %s (%s) after %d attempt(s), replayed %d tokens in %.2f s: %s",
-                span.start, span.end, short_id(peer_id), type(error).__name__, attempt,
+                start, end, short_id(peer_id), type(error).__name__, attempt,
                 0 if history is None else history.shape[1], time.perf_counter() - began,
                 Route(tuple(c.span for c in replacement)).describe(),
             )  # fmt: skip
             return
         raise SwarmError(
-            f"blocks {span.start}:{span.end} failed on {self.swarm.config.max_retries} replacement peers in a row; "
+            f"blocks {start}:{end} failed on {self.swarm.config.max_retries} replacement peers in a row; "
             f"last error: {last_error}"
         ) from last_error
 

@@ -234,10 +234,11 @@ class InferenceStream:
         """Whether the previous span's peer can forward steps to it: its session is open on the peer."""
         return self._sent_open and bool(self.session_open.session)
 
-    def forward_target(self, timeout: float, dtype: str) -> ForwardTarget:
-        """Where the previous span's peer sends the next step, if it can within `timeout` seconds, narrowed to
-        the peer's compute `dtype`."""
-        return ForwardTarget(self.peer_id, self.session_open.session, self.steps, timeout, dtype)
+    def forward_target(self, timeout: float, dtype: str, step: int | None = None) -> ForwardTarget:
+        """Where the previous span's peer sends a step (`step`: its number, the next one's by default), if it can
+        within `timeout` seconds, narrowed to the peer's compute `dtype`."""
+        step = self.steps if step is None else step
+        return ForwardTarget(self.peer_id, self.session_open.session, step, timeout, dtype)
 
     def open_ahead(self) -> None:
         """Send the session's opening now, without a step: the peer sets the session up before the first step
@@ -254,6 +255,13 @@ class InferenceStream:
     ) -> StepReply:
         """Send hidden states that start at `position`; return the blocks' output. With `forward_to`, the peer
         also sends the output on to the next span's peer (which sends its own on to the rest)."""
+        await self.send(hidden, position, timeout, forward_to)
+        return await self.reply(hidden.shape[:2], timeout)
+
+    async def send(
+        self, hidden: torch.Tensor, position: int, timeout: float, forward_to: tuple[ForwardTarget, ...] = ()
+    ) -> None:
+        """Send a step without waiting for its answer (`reply`): a pipelined prompt's chunks go out back to back."""
         metadata = InferenceStep(position, self.steps, forward_to).to_wire()
         tensors = [hidden]
         if not self._sent_open:
@@ -262,29 +270,27 @@ class InferenceStream:
                 metadata.update(self.adapters.metadata())
                 tensors += self.adapters.tensors()
         with map_p2p_errors(self.peer_id):
-            replies = await self.open(timeout)
-            self._requests.put_nowait(messages.request(tensors, metadata, self.session_open.compression))
-            self._sent_open = True
-            self.steps += 1
-            return await self._reply(replies, hidden.shape[:2], timeout)
+            await self.open(timeout)
+        self._requests.put_nowait(messages.request(tensors, metadata, self.session_open.compression))
+        self._sent_open = True
+        self.steps += 1
 
     async def forwarded_step(self, shape: torch.Size, timeout: float) -> StepReply:
         """The reply to the step of [batch, seq] `shape` that the previous span's peer forwarded to this one."""
+        self.steps += 1
+        return await self.reply(shape, timeout)
+
+    async def reply(self, shape: torch.Size, timeout: float) -> StepReply:
+        """The answer to the oldest step not yet answered, of [batch, seq] `shape`."""
         with map_p2p_errors(self.peer_id):
             replies = await self.open(timeout)
-            self.steps += 1
-            return await self._reply(replies, shape, timeout)
-
-    async def _reply(
-        self, replies: AsyncIterator[runtime_pb2.ExpertResponse], shape: torch.Size, timeout: float
-    ) -> StepReply:
-        reply = await asyncio.wait_for(anext(replies), timeout)
-        metadata = messages.unpack_metadata(reply.metadata)
-        raise_for_error(self.peer_id, messages.error_of(metadata))
-        (outputs,) = messages.tensors_of(reply)
-        if outputs.shape[:2] != shape:
-            raise ProtocolError(f"reply of shape {list(outputs.shape)} for a step of shape {list(shape)}")
-        return StepReply(outputs, metadata.get("forwarded") is True, metadata.get("input_digest"))
+            reply = await asyncio.wait_for(anext(replies), timeout)
+            metadata = messages.unpack_metadata(reply.metadata)
+            raise_for_error(self.peer_id, messages.error_of(metadata))
+            (outputs,) = messages.tensors_of(reply)
+            if outputs.shape[:2] != shape:
+                raise ProtocolError(f"reply of shape {list(outputs.shape)} for a step of shape {list(shape)}")
+            return StepReply(outputs, metadata.get("forwarded") is True, metadata.get("input_digest"))
 
     async def abort(self) -> None:
         """Give up on the stream without waiting for the peer (used once it is known to have failed); closing the

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from swarm.client import remote_blocks
 from swarm.client.session import InferenceSession
+from swarm.client.transport import InferenceStream
 from swarm.errors import MissingBlocksError
 from swarm.process import SwarmProcess
 from swarm.protocol import ForwardTarget
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.slow
 NEW_TOKENS = 64
 OPTIONS = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
 FAST_FAILURE = dict(min_step_timeout=1.0, ban_seconds=1.0)
+PREFILL_CHUNK = 2  # the 6-token prompt flows down the route in 3 chunks
 
 
 def _prompt(length: int = 6, seed: int = 0) -> torch.Tensor:
@@ -107,6 +109,35 @@ def test_reroutes_when_peer_dies_mid_generation(replicated, monkeypatch, at_step
     assert torch.equal(result, local.generate(_prompt(), **OPTIONS))
     monkeypatch.undo()
     _restore(local_swarm, failure.victim)
+
+
+def test_reroutes_when_a_peer_dies_during_a_pipelined_prefill(replicated, monkeypatch) -> None:
+    """The prompt's chunks go to the first span at once, to be forwarded to the second; its peer dies as the second
+    chunk is sent. The whole route is replaced and the prompt sent again, span by span."""
+    local_swarm, distributed, local = replicated
+    victims: list[SwarmProcess] = []
+    chunks_sent = 0
+    original = InferenceStream.send
+
+    async def send(stream: InferenceStream, hidden, position, timeout, forward_to=()):  # type: ignore[no-untyped-def]
+        nonlocal chunks_sent
+        if forward_to and hidden.shape[1] == PREFILL_CHUNK and not victims:
+            chunks_sent += 1
+            if chunks_sent == 2:
+                victims.append(local_swarm.process_of(forward_to[0].peer_id))
+                victims[0].signal_group(signal.SIGKILL)
+                victims[0].wait(timeout=30)
+        return await original(stream, hidden, position, timeout, forward_to)
+
+    monkeypatch.setattr(InferenceStream, "send", send)
+    with distributed.inference_session(max_length=80) as session:
+        session.prefill_chunk_tokens = PREFILL_CHUNK
+        result = distributed.generate(_prompt(), **OPTIONS)
+    assert victims and victims[0].returncode is not None
+    assert session.reroutes == 1
+    assert torch.equal(result, local.generate(_prompt(), **OPTIONS))
+    monkeypatch.undo()
+    _restore(local_swarm, victims[0])
 
 
 def test_hung_peer_is_detected_by_the_adaptive_timeout(replicated, monkeypatch) -> None:

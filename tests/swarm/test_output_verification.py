@@ -4,13 +4,16 @@ session's tokens still equal local generation."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
 from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM
 
+from swarm import DistributedModelForCausalLM
 from swarm.client._sync import run_sync
 from swarm.client.metrics import client_metrics
 from swarm.client.session import InferenceSession
@@ -94,26 +97,23 @@ def test_training_calls_through_a_faulty_peer_are_caught_and_computed_elsewhere(
     assert _verifications("agreed") >= agreed + 2
 
 
-def test_a_peer_forwarding_other_states_than_it_answers_is_caught_at_once_and_replaced(
-    demo_model, make_swarm, connect, monkeypatch
-) -> None:  # type: ignore[no-untyped-def]
-    """A peer forwards a step's output to the next span's peer and answers the client the same output; the next
-    peer's reply names what it ran on (a digest), so a peer that forwards anything else (a test-only flag adds
-    noise to what it forwards, large enough to change the tokens) is caught at its first forwarded step, with no
-    spot checks, banned and replaced, and the spans after it compute the step again (the next span's peer had
-    forwarded its own wrong output on to the last span's, whose answer the client takes and drops)."""
+@contextlib.contextmanager
+def _session_through_a_lying_forwarder(  # type: ignore[no-untyped-def]
+    demo_model, make_swarm, connect, monkeypatch, prompt: torch.Tensor, max_length: int
+) -> Iterator[tuple[DistributedModelForCausalLM, InferenceSession, str, torch.Tensor]]:
+    """A session whose route starts at a peer that forwards other hidden states than it answers (a test-only flag
+    adds noise to what it forwards, large enough to change the tokens), open after one token generated unforwarded
+    (the faulty peer is then the only one of its blocks), with an honest peer of the same blocks online since: the
+    model, the session, the faulty peer's id and the tokens so far."""
     local_swarm = make_swarm(demo_model, [(2, 4), (4, NUM_BLOCKS)])
     faulty_id = local_swarm.peer_id(local_swarm.add_peer(0, 2, "--debug-forward-noise", "1.0"))
     model = connect(demo_model, local_swarm, verify_rate=0.0)
     run_sync(model.swarm.wait_blocks_covered(timeout=60))
-    prompt = torch.tensor([[1, 200, 300, 400, 500]])
-    expected = AutoModelForCausalLM.from_pretrained(demo_model).eval().generate(prompt, max_new_tokens=12, **GREEDY)
-
-    with model.inference_session(max_length=prompt.shape[1] + 12) as session:
-        with monkeypatch.context() as unforwarded:  # the faulty peer is the only one of its blocks yet
+    with model.inference_session(max_length=max_length) as session:
+        with monkeypatch.context() as unforwarded:
             unforwarded.setattr(InferenceSession, "_forward_targets", lambda *args: ())
             first = model.generate(prompt, max_new_tokens=1, **GREEDY)
-        assert session.route.spans[0].peer_id == faulty_id
+        assert session.route is not None and session.route.spans[0].peer_id == faulty_id
         local_swarm.add_peer(0, 2, wait=False)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # until the client sees the honest peer of blocks 0:2 online
@@ -122,6 +122,21 @@ def test_a_peer_forwarding_other_states_than_it_answers_is_caught_at_once_and_re
                 break
         else:
             pytest.fail("the honest peer did not come online")
+        yield model, session, faulty_id, first
+
+
+def test_a_peer_forwarding_other_states_than_it_answers_is_caught_at_once_and_replaced(
+    demo_model, make_swarm, connect, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A peer forwards a step's output to the next span's peer and answers the client the same output; the next
+    peer's reply names what it ran on (a digest), so a peer that forwards anything else is caught at its first
+    forwarded step, with no spot checks, banned and replaced, and the spans after it compute the step again (the
+    next span's peer had forwarded its own wrong output on to the last span's, whose answer the client takes and
+    drops)."""
+    prompt = torch.tensor([[1, 200, 300, 400, 500]])
+    expected = AutoModelForCausalLM.from_pretrained(demo_model).eval().generate(prompt, max_new_tokens=12, **GREEDY)
+    lying = _session_through_a_lying_forwarder(demo_model, make_swarm, connect, monkeypatch, prompt, 5 + 12)
+    with lying as (model, session, faulty_id, first):
         forwarded = client_metrics().forwarded_steps._value.get()
         second = model.generate(max_new_tokens=1, **GREEDY)  # forwarded: caught
         # forwarded to blocks 2:4 and on to 4:6 (answers taken and dropped), then again from the replacement
@@ -133,3 +148,34 @@ def test_a_peer_forwarding_other_states_than_it_answers_is_caught_at_once_and_re
     assert torch.equal(first, expected[:, : prompt.shape[1] + 1])
     assert torch.equal(second, expected[:, : prompt.shape[1] + 2])
     assert torch.equal(rest, expected)
+
+
+def test_a_peer_forwarding_other_states_in_a_pipelined_prefill_is_caught_and_replaced(
+    demo_model, make_swarm, connect, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The same lie in the chunks of a pipelined prompt: caught at the first chunk; the route is replaced and the
+    prompt sent again."""
+    prompt, more = torch.tensor([[1, 200, 300, 400, 500]]), torch.tensor([[600, 700, 800, 900, 1000, 1100]])
+    local = AutoModelForCausalLM.from_pretrained(demo_model).eval()
+    first_expected = local.generate(prompt, max_new_tokens=1, **GREEDY)
+    lying = _session_through_a_lying_forwarder(demo_model, make_swarm, connect, monkeypatch, prompt, 32)
+    with lying as (model, session, faulty_id, first):
+        session.prefill_chunk_tokens = 2
+        pipelined = []
+        original = InferenceSession._pipelined_forwarded
+
+        async def noted(self, chunks):  # type: ignore[no-untyped-def]
+            try:
+                return await original(self, chunks)
+            finally:
+                pipelined.append(([part.shape[1] for part in chunks], self.reroutes))
+
+        monkeypatch.setattr(InferenceSession, "_pipelined_forwarded", noted)
+        rest = model.generate(more, max_new_tokens=4, **GREEDY)  # continues the conversation
+        # the first token generated and the 6 new ones, in chunks; the route was replaced before the step ended
+        assert pipelined == [([2, 2, 2, 1], 1)]
+        assert faulty_id in model.swarm.banned() and session.reroutes == 1
+        assert faulty_id not in [span.peer_id for span in session.route.spans]
+
+    assert torch.equal(first, first_expected)
+    assert torch.equal(rest, local.generate(torch.cat([first, more], dim=1), max_new_tokens=4, **GREEDY))

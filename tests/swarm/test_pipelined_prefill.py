@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from swarm.client.metrics import client_metrics
 from swarm.client.session import InferenceSession
 from tests.model_factory import FIRST_ORDINARY_TOKEN, VOCAB_SIZE
 
@@ -17,10 +18,13 @@ NUM_BLOCKS = 4
 LOGITS_ATOL = 1e-4
 
 
-def test_a_chunked_prompt_gives_the_logits_of_a_whole_one(make_swarm, connect, tiny_model_dir, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("forward_steps", [True, False], ids=["forwarded", "through-the-client"])
+def test_a_chunked_prompt_gives_the_logits_of_a_whole_one(  # type: ignore[no-untyped-def]
+    make_swarm, connect, tiny_model_dir, monkeypatch, forward_steps: bool
+) -> None:
     model_dir = tiny_model_dir("llama", NUM_BLOCKS)
     local_swarm = make_swarm(model_dir, [(0, 1), (1, 3), (3, NUM_BLOCKS)], peer_args=["--prefill-chunk-tokens", "5"])
-    pipelined = connect(model_dir, local_swarm, prefill_chunk_tokens=4)
+    pipelined = connect(model_dir, local_swarm, prefill_chunk_tokens=4, forward_steps=forward_steps)
     whole = connect(model_dir, local_swarm, prefill_chunk_tokens=0)
     local = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     prompt = torch.randint(FIRST_ORDINARY_TOKEN, VOCAB_SIZE, (2, 19), generator=torch.Generator().manual_seed(5))
@@ -37,7 +41,10 @@ def test_a_chunked_prompt_gives_the_logits_of_a_whole_one(make_swarm, connect, t
         expected = local(prompt).logits
         for model in (pipelined, whole):
             with model.inference_session(max_length=32):
+                forwarded = client_metrics().forwarded_steps._value.get()
                 torch.testing.assert_close(model(prompt).logits, expected, atol=LOGITS_ATOL, rtol=0)
+                if model is pipelined:  # 5 chunks, each forwarded by 2 spans' peers, or none
+                    assert client_metrics().forwarded_steps._value.get() - forwarded == (10 if forward_steps else 0)
                 generated = model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None)
             assert torch.equal(generated, local.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None))
     assert chunked_steps == [(19, 4)]  # the pipelined client chunked its prompt; the other sent it whole

@@ -1,5 +1,6 @@
 """Steps forwarded from peer to peer (peer/forwarding.py), on the handler itself: a forwarded step is answered on
-the client's stream, a step that arrives twice runs once, and pushes that name no open session are refused.
+the client's stream, a step that arrives twice runs once, one that arrives early waits for its turn, and pushes
+that name no open session are refused.
 
 The handler runs on a fake one-block runtime that adds 1 to the hidden states (tests/unit/fake_blocks.py), so each
 run of a step shows."""
@@ -121,6 +122,27 @@ def test_a_forwarded_step_that_the_client_sent_first_is_dropped() -> None:
         assert _taken(handler, "s", 5.0, step=1)  # the previous peer's push, late
         session.send(7.0, step=2)
         assert await session.reply() == (8.0, False)  # not 6.0 again: the late push ran nothing
+        await session.close()
+
+    _run(run())
+
+
+def test_a_forwarded_step_ahead_of_the_session_waits_for_the_steps_the_client_sends_before_it() -> None:
+    """Pipelined chunks: the pushes of chunks 1 and 2 failed, so the client sends them itself, but chunk 3's push
+    came first."""
+
+    async def run() -> None:
+        handler = _handler()
+        session = _Session(handler, "s")
+        session.send(1.0, step=0)
+        assert await session.reply() == (2.0, False)
+        assert _taken(handler, "s", 30.0, step=3)
+        session.send(10.0, step=1)
+        assert await session.reply() == (11.0, False)
+        session.send(20.0, step=2)
+        assert await session.reply() == (21.0, False)
+        assert await session.reply() == (31.0, False)  # the held push, in its turn
+        assert session.input_digest == messages.tensor_digest(torch.full((1, 1, HIDDEN), 30.0))
         await session.close()
 
     _run(run())
