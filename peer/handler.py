@@ -152,7 +152,8 @@ class BlockHandler:
     ):
         self.runtime = runtime
         # benchmarks only, a network: a round trip with a client (the step waits half before it runs and its reply
-        # half after), and one with another peer (a forwarded step waits half before it runs)
+        # half after), and one with another peer (a push waits half before its step is taken, and its
+        # acknowledgement half after)
         self.added_latency = added_latency
         self.added_peer_latency = added_peer_latency
         self.forward_noise = forward_noise  # tests only: a faulty peer forwards other outputs than it answers
@@ -367,7 +368,8 @@ class BlockHandler:
                     if incoming.forwarded:  # the client checks that this is what the previous peer answered it
                         reply["input_digest"] = messages.tensor_digest(hidden_states)
                     cache = self._rewound(span, cache, step.position, session_open.max_length)
-                    await _network_delay((self.added_peer_latency if incoming.forwarded else self.added_latency) / 2)
+                    if not incoming.forwarded:  # a push waited in `rpc_push`
+                        await _network_delay(self.added_latency / 2)
                     outputs = await self._inference_step(span, cache, session_open, step, hidden_states, adapters)
                     if step.forward_to and await self._send_on(step, session_open, outputs):
                         reply["forwarded"] = True
@@ -401,7 +403,9 @@ class BlockHandler:
             self._check_size(request.ByteSize(), "a forwarded step")
         except _Refusal as e:
             return messages.error_response(e.reply)
+        await _network_delay(self.added_peer_latency / 2)
         error = self.forwarded.take(request)
+        await _network_delay(self.added_peer_latency / 2)
         return runtime_pb2.ExpertResponse() if error is None else messages.error_response(error)
 
     async def _send_on(self, step: InferenceStep, session_open: InferenceOpen, outputs: torch.Tensor) -> bool:
