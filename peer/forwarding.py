@@ -10,9 +10,12 @@ The client names the targets in the step (`InferenceStep.forward_to`), for each 
 id of the session there, which the client tells no one else, the step's number in that session, and how long the
 push may take (half the client's own timeout for the pushing peer's answer). Each peer sends its output on to the
 first target, with the rest, as the client would have sent it (decoded under the wire compression, narrowed to the
-target's compute dtype). The pushing peer waits until the target has taken the step, then answers the client with
-`{"forwarded": true}`; if the push failed the client sends the step itself. Steps are numbered, so one that
-arrives both ways is run once, and one pushed ahead of a step the client still sends (the chunks of a pipelined
+target's compute dtype). The pushing peer answers the client with `{"forwarded": true}` as soon as the push is
+under way, without waiting for the target to take it: on a network where peers are as far from each other as from
+the client, waiting would cost the client a round trip between peers per span. A session's pushes go one after
+another, so that they arrive in order. If a push fails, the peer says so on the client's stream (a message
+`{"push_failed": step}`, between its answers) and the client sends the step itself. Steps are numbered, so one
+that arrives both ways is run once, and one pushed ahead of a step the client still sends (the chunks of a pipelined
 prompt, sent to the first span at once) waits for it. The answer to a forwarded step carries a digest of what it
 ran on, which the client compares with what the pushing peer answered it (swarm/client/session.py).
 """
@@ -20,8 +23,9 @@ ran on, which the client compares with what the pushing peer answered it (swarm/
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +80,41 @@ class IncomingStep:
     forwarded: bool  # pushed by the previous span's peer, not sent by the client
 
 
+@dataclass(frozen=True, slots=True)
+class PushFailed:
+    """The push of this session's step `step` to the next span's peer failed: the client is to be told."""
+
+    step: int
+
+
+class Pushes:
+    """A session's pushes to the next span's peer: each runs in the background, so that the peer answers the client
+    at once, and after the one before, so that they arrive in order. Failures go to `failed` (the step numbers)."""
+
+    def __init__(self, failed: asyncio.Queue[int]):
+        self._failed = failed
+        self._running: set[asyncio.Task] = set()
+        self._last: asyncio.Task | None = None
+
+    def start(self, step: int, push: Callable[[], Awaitable[bool]]) -> None:
+        previous = self._last
+
+        async def run() -> None:
+            if previous is not None:
+                await asyncio.wait([previous])
+            if not await push():
+                self._failed.put_nowait(step)
+
+        self._last = asyncio.ensure_future(run())
+        self._running.add(self._last)
+        self._last.add_done_callback(self._running.discard)
+
+    def cancel(self) -> None:
+        """The session ended: its pushes are moot."""
+        for task in self._running:
+            task.cancel()
+
+
 class StepSource:
     """The next step of one session, from the client's stream or, if the session takes them, forwarded by the
     previous span's peer: whichever comes first. At most one read of the client's stream is pending at a time, so
@@ -87,6 +126,7 @@ class StepSource:
         self._from_client: asyncio.Future[runtime_pb2.ExpertRequest] | None = None
         self._held: runtime_pb2.ExpertRequest | None = None  # a forwarded step that came early (`hold_back`)
         self._held_due = False  # the client sent a step since: the held one comes next
+        self.failed_pushes: asyncio.Queue[int] = asyncio.Queue()  # this session's (`Pushes`), to tell the client
 
     def take_forwarded(self, forwarded: asyncio.Queue[runtime_pb2.ExpertRequest] | None) -> None:
         """From now on, also the steps put in `forwarded` (the session's, once it is open; None: none)."""
@@ -102,26 +142,30 @@ class StepSource:
         the client's stream is read; then the held step comes again."""
         self._held, self._held_due = request, False
 
-    async def next(self, timeout: float) -> IncomingStep | None:
-        """The next step, or None once the client ended its stream. Raises TimeoutError after `timeout` seconds
-        without one."""
+    async def next(self, timeout: float) -> IncomingStep | PushFailed | None:
+        """The next step, or a failed push to report, or None once the client ended its stream. Raises
+        TimeoutError after `timeout` seconds without any."""
         if self._held is not None and self._held_due:
             held, self._held = self._held, None
             return IncomingStep(held, forwarded=True)
         if self._from_client is None:
             self._from_client = asyncio.ensure_future(anext(self._requests))
-        waiting: set[asyncio.Future] = {self._from_client}
         reads_forwarded = self._forwarded is not None and self._held is None
         from_peer = asyncio.ensure_future(self._forwarded.get()) if reads_forwarded else None
-        if from_peer is not None:
-            waiting.add(from_peer)
+        push_failure = asyncio.ensure_future(self.failed_pushes.get())
+        waiting = {self._from_client, push_failure} | ({from_peer} if from_peer is not None else set())
         try:
             done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if from_peer is not None and not from_peer.done():
-                from_peer.cancel()  # a cancelled Queue.get leaves its item in the queue
+            for queue_read in (from_peer, push_failure):
+                if queue_read is not None and not queue_read.done():
+                    queue_read.cancel()  # a cancelled Queue.get leaves its item in the queue
         if from_peer is not None and from_peer in done:
+            if push_failure in done:
+                self.failed_pushes.put_nowait(push_failure.result())  # reported next time
             return IncomingStep(from_peer.result(), forwarded=True)  # the client's read stays pending
+        if push_failure in done:
+            return PushFailed(push_failure.result())  # likewise
         if not done:
             raise TimeoutError
         from_client, self._from_client = self._from_client, None
@@ -147,7 +191,7 @@ class StepSource:
             self._from_client.cancel()
 
 
-async def forward_output(
+def push_of(
     p2p: P2P,
     swarm_key: SwarmKey | None,
     targets: tuple[ForwardTarget, ...],
@@ -155,32 +199,39 @@ async def forward_output(
     outputs: torch.Tensor,
     compression: str,
     here: ForwardedSteps,
-) -> bool:
-    """Push a step's output to the next span's peer (`targets[0]`, which sends its own on to the rest); whether
-    it took the step. Never raises: on failure the client sends the step itself. A target on this same peer
-    (`here`) takes it without a call."""
+) -> Callable[[], Awaitable[bool]] | None:
+    """The push of a step's output to the next span's peer (`targets[0]`, which sends its own on to the rest), to
+    await later: whether that peer took the step. None when it cannot go: a long prompt step, which the client
+    sends in chunks. The message is made now, from the outputs as they are now."""
     if messages.payload_bytes([outputs]) > MAX_UNARY_PAYLOAD_BYTES:
-        return False  # a long prompt step: the client sends it in chunks
+        return None
     target, *rest = targets
     # what the client would send the next peer: the answer as it decodes it, narrowed to the next peer's dtype
     outputs = in_compute_dtype(messages.as_received(outputs, compression), target.dtype)
     metadata = ForwardedStep(target.session, position, target.step, tuple(rest)).to_wire()
     if target.peer_id == p2p.peer_id.to_base58():
-        return here.take(messages.request([outputs], metadata, compression)) is None
+        request = messages.request([outputs], metadata, compression)
+        return lambda: _taken_here(here, request)
     if swarm_key is not None:
         metadata["auth"] = rpc_token(swarm_key, p2p.peer_id.to_base58(), target.peer_id)
+    return functools.partial(_push, p2p, target, messages.request([outputs], metadata, compression))
+
+
+async def _taken_here(here: ForwardedSteps, request: runtime_pb2.ExpertRequest) -> bool:
+    return here.take(request) is None
+
+
+async def _push(p2p: P2P, target: ForwardTarget, request: runtime_pb2.ExpertRequest) -> bool:
+    """Never raises: on failure the client sends the step itself."""
     try:
         reply = await asyncio.wait_for(
             p2p.call_protobuf_handler(
-                PeerID.from_base58(target.peer_id),
-                RPC_PUSH,
-                messages.request([outputs], metadata, compression),
-                runtime_pb2.ExpertResponse,
+                PeerID.from_base58(target.peer_id), RPC_PUSH, request, runtime_pb2.ExpertResponse
             ),
             target.timeout,
         )
         error = messages.error_of(messages.unpack_metadata(reply.metadata)) if reply.metadata else None
-    except Exception as e:  # unreachable, timed out, malformed: the client sends the step itself
+    except Exception as e:  # unreachable, timed out, malformed
         logger.debug("Forwarding a step to %s failed: %s: %s", short_id(target.peer_id), type(e).__name__, e)
         return False
     if error is not None:

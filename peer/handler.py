@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from monitoring.peer_metrics import PeerMetrics
 from peer.config import PeerConfig, default_max_message_bytes
-from peer.forwarding import ForwardedSteps, IncomingStep, StepSource, forward_output
+from peer.forwarding import ForwardedSteps, IncomingStep, Pushes, PushFailed, StepSource, push_of
 from peer.kv_cache import KVCacheBudget
 from peer.runtime import BlockRuntime, RequestAdapters
 from swarm import messages
@@ -314,11 +314,13 @@ class BlockHandler:
         (peer/forwarding.py); numbered steps run once and in order."""
         peer = short_id(context.remote_id)
         steps = StepSource(requests)
+        pushes = Pushes(steps.failed_pushes)
         session_open: InferenceOpen | None = None
         try:
             incoming = await self._next_step(steps)
             if incoming is None:
                 return
+            assert isinstance(incoming, IncomingStep)  # no push has started yet
             first = incoming.request
             metadata = messages.unpack_metadata(first.metadata)
             if "open" not in metadata:
@@ -348,6 +350,10 @@ class BlockHandler:
                     incoming = await self._next_step(steps)
                 next_step = 0  # the number of the session's next numbered step
                 while incoming is not None:
+                    if isinstance(incoming, PushFailed):  # the client sends that step itself
+                        yield messages.response([], {"push_failed": incoming.step})
+                        incoming = await self._next_step(steps)
+                        continue
                     if incoming.request is not first:
                         metadata = messages.unpack_metadata(incoming.request.metadata)
                     step = InferenceStep.from_wire(metadata)
@@ -371,8 +377,8 @@ class BlockHandler:
                     if not incoming.forwarded:  # a push waited in `rpc_push`
                         await _network_delay(self.added_latency / 2)
                     outputs = await self._inference_step(span, cache, session_open, step, hidden_states, adapters)
-                    if step.forward_to and await self._send_on(step, session_open, outputs):
-                        reply["forwarded"] = True
+                    if step.forward_to and self._send_on(step, session_open, outputs, pushes):
+                        reply["forwarded"] = True  # under way: a failure is told later
                     await _network_delay(self.added_latency / 2)
                     yield messages.response([outputs], reply, session_open.compression)
                     incoming = await self._next_step(steps)
@@ -385,6 +391,7 @@ class BlockHandler:
             await self._drop_rest(steps.rest())
         finally:
             steps.close()
+            pushes.cancel()
             if steps.takes_forwarded and session_open is not None:
                 self.forwarded.close(session_open.session)
 
@@ -408,15 +415,20 @@ class BlockHandler:
         await _network_delay(self.added_peer_latency / 2)
         return runtime_pb2.ExpertResponse() if error is None else messages.error_response(error)
 
-    async def _send_on(self, step: InferenceStep, session_open: InferenceOpen, outputs: torch.Tensor) -> bool:
+    def _send_on(self, step: InferenceStep, session_open: InferenceOpen, outputs: torch.Tensor, pushes: Pushes) -> bool:
+        """Start pushing the step's output on to the next span's peer; False when it cannot go."""
         if self._p2p is None:
             return False
         if self.forward_noise:
             outputs = outputs + torch.randn(outputs.shape) * self.forward_noise
-        return await forward_output(
+        push = push_of(
             self._p2p, self.swarm_key, step.forward_to, step.position, outputs, session_open.compression,
             self.forwarded,
         )  # fmt: skip
+        if push is None:
+            return False
+        pushes.start(step.step, push)
+        return True
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         return await self._answer(request, context, self._forward)
@@ -568,12 +580,12 @@ class BlockHandler:
             raise ProtocolError(f"{len(tensors)} extra tensor(s) without a 'lora' header")
         return None if lora is None and prompts is None else RequestAdapters(lora, prompts)
 
-    async def _next_step(self, steps: StepSource) -> IncomingStep | None:
+    async def _next_step(self, steps: StepSource) -> IncomingStep | PushFailed | None:
         try:
             incoming = await steps.next(self.limits.session_idle_timeout)
         except TimeoutError:
             raise _Refusal(ErrorKind.BAD_REQUEST, "session idle for too long; closed") from None
-        if incoming is not None:
+        if isinstance(incoming, IncomingStep):
             self._check_size(incoming.request.ByteSize(), "an inference step")
         return incoming
 

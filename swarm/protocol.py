@@ -16,7 +16,8 @@ RPCs (hivemind P2P protobuf handlers; requests are `ExpertRequest`, replies `Exp
                                       a step that starts before the cached tokens' end rolls the cache back to it;
                                       a step with `forward_to` is also sent on by the peer to the first target's
                                       peer (RPC_PUSH, with the other targets), and its reply says
-                                      `{"forwarded": true}` when that peer took it
+                                      `{"forwarded": true}` when that push is under way; if the push then fails,
+                                      a message `{"push_failed": step}` (no tensors) follows, between answers
   * RPC_PUSH        unary            `ForwardedStep`, tensors [hidden]  -> empty reply (taken) or an error; the
                                       receiving peer runs it as the next step of the session `session` names and
                                       answers it on that session's stream, as if the client had sent it
@@ -248,8 +249,8 @@ class InferenceOpen:
 class ForwardTarget:
     """Where a peer sends a step's output on, besides answering it: the next span's peer, the client's session
     there (`InferenceOpen.session`), the number the step has in that session, and how long the sending peer may
-    wait for that peer to take it before it answers the client that it did not (a hung next peer must not make
-    the sending peer look hung)."""
+    wait for that peer to take it before it tells the client that the push failed (well within the client's own
+    timeout, so that the client can still send the step itself and find a hung next peer as such)."""
 
     peer_id: str
     session: str

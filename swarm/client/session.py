@@ -149,11 +149,13 @@ class InferenceSession:
         while index < len(self._connections):
             connection = self._connections[index]
             try:
+                reply = None
                 if sent_at is not None:
-                    reply = await self._receive_forwarded(connection, hidden_states, sent_at)
-                    if reply.input_digest != self._digest_as_sent(connection, hidden_states):
+                    previous = self._connections[index - 1]
+                    reply = await self._receive_forwarded(connection, previous, hidden_states, sent_at)
+                    if reply is not None and reply.input_digest != self._digest_as_sent(connection, hidden_states):
                         raise _OtherInputsForwarded(reply)
-                else:
+                if reply is None:  # not forwarded, or the push failed
                     sent_at = time.perf_counter()
                     reply = await self._send(
                         connection, hidden_states, self.position, self._forward_targets(index, seq, checked)
@@ -281,15 +283,18 @@ class InferenceSession:
         async def run(index: int, connection: _SpanConnection) -> None:
             for k in range(len(chunks)):
                 part, forwarded = await queues[index].get()
+                shape = part.shape[:2]
                 if index == 0:
-                    reply = await connection.stream.reply(part.shape[:2], timeout)
-                elif forwarded:
-                    reply = await connection.stream.forwarded_step(part.shape[:2], timeout)
-                    self._metrics.forwarded_steps.inc()
-                    if reply.input_digest != self._digest_as_sent(connection, part):
-                        raise PeerFaulty(connections[index - 1].span.peer_id, _FORWARDED_OTHER_STATES)
+                    reply = await connection.stream.reply(shape, timeout)
                 else:
-                    reply = await self._send(connection, part, starts[k], targets(index, k))
+                    reply = None
+                    if forwarded:
+                        previous = connections[index - 1]
+                        reply = await self._forwarded_reply(connection, previous, first_step[index - 1] + k, shape)
+                        if reply is not None and reply.input_digest != self._digest_as_sent(connection, part):
+                            raise PeerFaulty(previous.span.peer_id, _FORWARDED_OTHER_STATES)
+                    if reply is None:  # not forwarded, or the push failed
+                        reply = await self._send(connection, part, starts[k], targets(index, k))
                 received[index].append(part)
                 if index + 1 < len(connections):
                     queues[index + 1].put_nowait((reply.outputs, reply.forwarded))
@@ -371,13 +376,15 @@ class InferenceSession:
         following = index
         while reply.forwarded and following + 1 < len(self._connections):
             following += 1
-            connection = self._connections[following]
+            connection, pusher = self._connections[following], self._connections[following - 1]
             try:
-                reply = await connection.stream.forwarded_step(shape, self._step_timeout(connection, shape[1]))
+                forwarded = await self._forwarded_reply(connection, pusher, pusher.stream.steps - 1, shape)
             except RETRYABLE_ERRORS as e:
                 await self._replace(following, e)
                 break
-            self._metrics.forwarded_steps.inc()
+            if forwarded is None:  # the push failed: nothing came
+                break
+            reply = forwarded
         previous = self._connections[index - 1]
         hidden_states = previous.inputs.pop()  # the step goes through its replacement again
         error = PeerFaulty(previous.span.peer_id, _FORWARDED_OTHER_STATES)
@@ -412,18 +419,38 @@ class InferenceSession:
         return tuple(targets)
 
     async def _receive_forwarded(
-        self, connection: _SpanConnection, hidden_states: torch.Tensor, sent_at: float
-    ) -> StepReply:
-        """The reply to a step that the previous span's peer forwarded to this span's peer. Its duration counts
-        from when the client sent the step to an earlier span (longer than this span's own share: the hang
+        self, connection: _SpanConnection, previous: _SpanConnection, hidden_states: torch.Tensor, sent_at: float
+    ) -> StepReply | None:
+        """The reply to a step that the previous span's peer forwarded to this span's peer, or None if that peer
+        says its push failed (or its stream ended): the caller then sends the step itself. The step's duration
+        counts from when the client sent it to an earlier span (longer than this span's own share: the hang
         timeout it feeds stays on the lenient side)."""
-        timeout = self._step_timeout(connection, hidden_states.shape[1])
+        reply = await self._forwarded_reply(connection, previous, previous.stream.steps - 1, hidden_states.shape[:2])
+        if reply is not None and hidden_states.shape[1] == 1:
+            connection.recent_step_seconds.append(time.perf_counter() - sent_at)
+        return reply
+
+    async def _forwarded_reply(
+        self, connection: _SpanConnection, previous: _SpanConnection, pushed_step: int, shape: torch.Size
+    ) -> StepReply | None:
+        """The reply of `connection`'s peer to the step that `previous`'s peer pushed to it (its own step number
+        `pushed_step`), or None once that peer says the push failed."""
+        timeout = self._step_timeout(connection, shape[1])
+        answer = asyncio.ensure_future(connection.stream.forwarded_step(shape, timeout))
+        push_failure = asyncio.ensure_future(previous.stream.push_failure(pushed_step))
         try:
-            reply = await connection.stream.forwarded_step(hidden_states.shape[:2], timeout)
+            await asyncio.wait([answer, push_failure], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            push_failure.cancel()
+            if not answer.done():
+                answer.cancel()  # the answer will not come (its read leaves the stream as it was)
+            await asyncio.wait([answer, push_failure])
+        if answer.cancelled():
+            return None
+        try:
+            reply = answer.result()
         except PeerTimeout as e:
             raise PeerTimeout(connection.span.peer_id, f"no answer to a forwarded step within {timeout:.1f} s") from e
-        if hidden_states.shape[1] == 1:
-            connection.recent_step_seconds.append(time.perf_counter() - sent_at)
         self._metrics.forwarded_steps.inc()
         return reply
 

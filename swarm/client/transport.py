@@ -203,7 +203,8 @@ class InferenceStream:
     """One open inference session with one peer over blocks [start, end); the peer holds its KV cache.
 
     Its steps are numbered (`InferenceStep.step`), those the previous span's peer forwards to it included
-    (peer/forwarding.py)."""
+    (peer/forwarding.py). A reader task takes the peer's messages as they come: its answers, in order, and its
+    notes that a push of one of its steps to the next span's peer failed, which may come between them."""
 
     def __init__(self, p2p: P2P, peer_id: str, session_open: InferenceOpen, adapters: SpanAdapters | None = None):
         self.p2p = p2p
@@ -214,6 +215,14 @@ class InferenceStream:
         self._replies: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
         self._sent_open = False  # the first step carries the session's opening (and its adapters)
         self.steps = 0  # steps sent or forwarded to it so far: the next one's number
+        self._reader: asyncio.Task | None = None
+        # the peer's answers with their metadata, in order; an exception once the stream failed or ended
+        self._answers: asyncio.Queue[tuple[runtime_pb2.ExpertResponse, dict[str, Any]] | BaseException] = (
+            asyncio.Queue()
+        )
+        self._failed_pushes: set[int] = set()  # steps whose push to the next span's peer failed
+        self._ended = False  # no more messages will come
+        self._news = asyncio.Event()  # set on each failed push and at the end
 
     async def open(self, timeout: float) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Open the libp2p stream, once, before or with the first step (a session opens all its spans' streams
@@ -227,7 +236,32 @@ class InferenceStream:
                 ),
                 timeout,
             )
+        self._reader = asyncio.ensure_future(self._read(self._replies))
         return self._replies
+
+    async def _read(self, replies: AsyncIterator[runtime_pb2.ExpertResponse]) -> None:
+        try:
+            async for reply in replies:
+                metadata = messages.unpack_metadata(reply.metadata)
+                if "push_failed" in metadata:
+                    self._failed_pushes.add(int(metadata["push_failed"]))
+                    self._news.set()
+                else:
+                    self._answers.put_nowait((reply, metadata))
+            self._answers.put_nowait(StopAsyncIteration())
+        except Exception as e:
+            self._answers.put_nowait(e)
+        finally:
+            self._ended = True
+            self._news.set()
+
+    async def push_failure(self, step: int) -> None:
+        """Returns once the peer said that its push of its step `step` to the next span's peer failed, or its
+        stream ended (a push may then never have been made)."""
+        while step not in self._failed_pushes and not self._ended:
+            self._news.clear()
+            await self._news.wait()
+        self._failed_pushes = {failed for failed in self._failed_pushes if failed > step}
 
     @property
     def takes_forwarded_steps(self) -> bool:
@@ -276,16 +310,21 @@ class InferenceStream:
         self.steps += 1
 
     async def forwarded_step(self, shape: torch.Size, timeout: float) -> StepReply:
-        """The reply to the step of [batch, seq] `shape` that the previous span's peer forwarded to this one."""
+        """The reply to the step of [batch, seq] `shape` that the previous span's peer forwarded to this one. Its
+        number is counted once it came: cancelled before, the client can send the same step itself."""
+        reply = await self.reply(shape, timeout)
         self.steps += 1
-        return await self.reply(shape, timeout)
+        return reply
 
     async def reply(self, shape: torch.Size, timeout: float) -> StepReply:
         """The answer to the oldest step not yet answered, of [batch, seq] `shape`."""
         with map_p2p_errors(self.peer_id):
-            replies = await self.open(timeout)
-            reply = await asyncio.wait_for(anext(replies), timeout)
-            metadata = messages.unpack_metadata(reply.metadata)
+            await self.open(timeout)
+            answer = await asyncio.wait_for(self._answers.get(), timeout)
+            if isinstance(answer, BaseException):
+                self._answers.put_nowait(answer)  # and to every later read
+                raise answer
+            reply, metadata = answer
             raise_for_error(self.peer_id, messages.error_of(metadata))
             (outputs,) = messages.tensors_of(reply)
             if outputs.shape[:2] != shape:
@@ -297,6 +336,9 @@ class InferenceStream:
         reply iterator closes hivemind's socket to the daemon."""
         self._requests.put_nowait(None)
         replies, self._replies = self._replies, None
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.wait([self._reader])
         if replies is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(replies.aclose(), timeout=1.0)
@@ -304,9 +346,10 @@ class InferenceStream:
     async def close(self) -> None:
         """End the stream and wait briefly for the peer to end its side; the peer frees the session's cache."""
         self._requests.put_nowait(None)
-        if self._replies is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(_drain(self._replies), timeout=5.0)
+        if self._reader is not None:
+            await asyncio.wait([self._reader], timeout=5.0)
+            if not self._reader.done():
+                await self.abort()
         self._replies = None
 
     async def _request_stream(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
@@ -317,8 +360,3 @@ class InferenceStream:
 async def _aiter(items: list[runtime_pb2.ExpertRequest]) -> AsyncIterator[runtime_pb2.ExpertRequest]:
     for item in items:
         yield item
-
-
-async def _drain(replies: AsyncIterator[runtime_pb2.ExpertResponse]) -> None:
-    async for _ in replies:
-        pass

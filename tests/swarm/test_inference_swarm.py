@@ -12,8 +12,10 @@ from swarm import DistributedModelForCausalLM
 from swarm.client._sync import run_sync
 from swarm.client.metrics import client_metrics
 from swarm.client.session import InferenceSession
+from swarm.client.transport import InferenceStream
 from swarm.client.verification import CheckSchedule
 from swarm.errors import ConfigError
+from swarm.protocol import ForwardTarget
 from tests.model_factory import FIRST_ORDINARY_TOKEN, VOCAB_SIZE
 
 pytestmark = pytest.mark.slow
@@ -206,3 +208,37 @@ def test_peers_forward_decode_steps_to_the_next_span(
     assert torch.equal(output, expected)
     assert spans >= 2
     assert forwarded._value.get() - before == (new_tokens * (spans - 1) if forward_steps else 0)
+
+
+def test_the_client_sends_a_step_itself_when_its_push_failed(
+    swarm_and_local: tuple[DistributedModelForCausalLM, torch.nn.Module],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The peers answer at once that a step is being forwarded; here every push names a session the next peer
+    does not have, so it refuses them, the pushing peer tells the client on its stream, and the client sends each
+    step itself: no step is lost or run twice, no peer is blamed, and the tokens equal local."""
+    distributed, local = swarm_and_local
+    monkeypatch.setattr(CheckSchedule, "due", lambda schedule: False)
+    original_target, original_failure = InferenceStream.forward_target, InferenceStream.push_failure
+    told: list[int] = []
+
+    def unknown_session(stream: InferenceStream, *args: object) -> ForwardTarget:
+        return replace(original_target(stream, *args), session="0" * 32)  # type: ignore[arg-type]
+
+    async def noted_failure(stream: InferenceStream, step: int) -> None:
+        await original_failure(stream, step)
+        told.append(step)
+
+    monkeypatch.setattr(InferenceStream, "forward_target", unknown_session)
+    monkeypatch.setattr(InferenceStream, "push_failure", noted_failure)
+    forwarded = client_metrics().forwarded_steps
+    prompt, new_tokens = _prompts(batch=1, length=5, seed=12), 6
+    expected = local.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+    before = forwarded._value.get()
+    with distributed.inference_session(max_length=prompt.shape[1] + new_tokens) as session:
+        output = distributed.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+        assert session.route is not None and session.reroutes == 0
+        spans = len(session.route.spans)
+    assert torch.equal(output, expected)
+    assert forwarded._value.get() == before
+    assert len(told) == new_tokens * (spans - 1)  # every push failed and was told

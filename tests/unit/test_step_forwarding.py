@@ -217,3 +217,21 @@ def test_a_session_opened_ahead_of_its_first_step_takes_that_step_forwarded() ->
         assert handler.sessions.held_by(CLIENT) == 0
 
     _run(run())
+
+
+def test_a_failed_push_is_told_to_the_client_after_the_answer() -> None:
+    """The peer answers at once that the step is being forwarded; when the push then fails (here: no session takes
+    it), it tells the client on the same stream, which sends the step itself."""
+
+    async def run() -> None:
+        handler = _handler()
+        session = _Session(handler, "s")
+        session.send(1.0, step=0, forward_to=(ForwardTarget(HERE.to_base58(), "nobody", 0, 5.0),))
+        assert await session.reply() == (2.0, True)
+        notice = messages.unpack_metadata((await anext(session.replies)).metadata)
+        assert notice == {"push_failed": 0}
+        session.send(3.0, step=1)  # the session goes on
+        assert await session.reply() == (4.0, False)
+        await session.close()
+
+    _run(run())
