@@ -6,18 +6,17 @@ replay and spot checks) and also pushes its output to the next span's peer (RPC_
 session's next step and answers on the client's own stream. A step then waits for n + 1 messages, not 2n: on
 a real network the client's round trips are the long ones.
 
-The client names the targets in the step (`InferenceStep.forward_to`), for each later span: its peer, the random
-id of the session there, which the client tells no one else, the step's number in that session, and how long the
-push may take (half the client's own timeout for the pushing peer's answer). Each peer sends its output on to the
-first target, with the rest, as the client would have sent it (decoded under the wire compression, narrowed to the
-target's compute dtype). The pushing peer answers the client with `{"forwarded": true}` as soon as the push is
-under way, without waiting for the target to take it: on a network where peers are as far from each other as from
-the client, waiting would cost the client a round trip between peers per span. A session's pushes go one after
-another, so that they arrive in order. If a push fails, the peer says so on the client's stream (a message
-`{"push_failed": step}`, between its answers) and the client sends the step itself. Steps are numbered, so one
-that arrives both ways is run once, and one pushed ahead of a step the client still sends (the chunks of a pipelined
-prompt, sent to the first span at once) waits for it. The answer to a forwarded step carries a digest of what it
-ran on, which the client compares with what the pushing peer answered it (swarm/client/session.py).
+The client names the targets in the step (`InferenceStep.forward_to`), for each later span: its peer, the random id
+of the session there, which the client tells no one else, the step's number in that session, and how long the push
+may take (half the client's own timeout for the pushing peer's answer). Each peer sends its output on to the first
+target, with the rest, as the client would have sent it (decoded under the wire compression, narrowed to the
+target's compute dtype). The pushing peer answers the client with `{"forwarded": true}` as soon as the push is under
+way, without waiting for the target to take it: on a network where peers are as far from each other as from the
+client, waiting would cost the client a round trip between peers per span. If a push fails, the peer says so on the
+client's stream (a message `{"push_failed": step}`, between its answers) and the client sends the step itself. Steps
+are numbered, so one that arrives both ways is run once, and one pushed ahead of its turn (the pushes of a pipelined
+prompt's chunks run side by side) waits for it. The answer to a forwarded step carries a digest of what it ran on,
+which the client compares with what the pushing peer answered it (swarm/client/session.py).
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from hivemind.proto import runtime_pb2
 
 from swarm import messages
 from swarm.compression import in_compute_dtype
+from swarm.errors import ProtocolError
 from swarm.logs import short_id
 from swarm.protocol import MAX_UNARY_PAYLOAD_BYTES, RPC_PUSH, ErrorKind, ErrorReply, ForwardedStep, ForwardTarget
 from swarm.swarm_key import SwarmKey, rpc_token
@@ -88,26 +88,22 @@ class PushFailed:
 
 
 class Pushes:
-    """A session's pushes to the next span's peer: each runs in the background, so that the peer answers the client
-    at once, and after the one before, so that they arrive in order. Failures go to `failed` (the step numbers)."""
+    """A session's pushes to the next span's peer, each in the background, so that the peer answers the client at
+    once, side by side (the next peer runs a step pushed ahead of its turn in its turn). Failures go to `failed`
+    (the step numbers)."""
 
     def __init__(self, failed: asyncio.Queue[int]):
         self._failed = failed
         self._running: set[asyncio.Task] = set()
-        self._last: asyncio.Task | None = None
 
     def start(self, step: int, push: Callable[[], Awaitable[bool]]) -> None:
-        previous = self._last
-
         async def run() -> None:
-            if previous is not None:
-                await asyncio.wait([previous])
             if not await push():
                 self._failed.put_nowait(step)
 
-        self._last = asyncio.ensure_future(run())
-        self._running.add(self._last)
-        self._last.add_done_callback(self._running.discard)
+        task = asyncio.ensure_future(run())
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     def cancel(self) -> None:
         """The session ended: its pushes are moot."""
@@ -124,8 +120,7 @@ class StepSource:
         self._requests = requests
         self._forwarded: asyncio.Queue[runtime_pb2.ExpertRequest] | None = None
         self._from_client: asyncio.Future[runtime_pb2.ExpertRequest] | None = None
-        self._held: runtime_pb2.ExpertRequest | None = None  # a forwarded step that came early (`hold_back`)
-        self._held_due = False  # the client sent a step since: the held one comes next
+        self._early: dict[int, runtime_pb2.ExpertRequest] = {}  # forwarded steps ahead of their turn, by number
         self.failed_pushes: asyncio.Queue[int] = asyncio.Queue()  # this session's (`Pushes`), to tell the client
 
     def take_forwarded(self, forwarded: asyncio.Queue[runtime_pb2.ExpertRequest] | None) -> None:
@@ -136,22 +131,22 @@ class StepSource:
     def takes_forwarded(self) -> bool:
         return self._forwarded is not None
 
-    def hold_back(self, request: runtime_pb2.ExpertRequest) -> None:
-        """Keep a forwarded step that came before a step the client still sends itself (its push had failed, and
-        the pushes of the client's later pipelined chunks did not): until the client's next step has come, only
-        the client's stream is read; then the held step comes again."""
-        self._held, self._held_due = request, False
+    def hold_back(self, number: int, request: runtime_pb2.ExpertRequest) -> None:
+        """Keep a forwarded step that came ahead of its turn (an earlier push is still on its way, or failed and the
+        client sends that step itself) until `next` is asked for its number."""
+        if len(self._early) >= MAX_FORWARDED_WAITING:
+            raise ProtocolError("too many steps forwarded ahead of their turn")
+        self._early[number] = request
 
-    async def next(self, timeout: float) -> IncomingStep | PushFailed | None:
-        """The next step, or a failed push to report, or None once the client ended its stream. Raises
-        TimeoutError after `timeout` seconds without any."""
-        if self._held is not None and self._held_due:
-            held, self._held = self._held, None
-            return IncomingStep(held, forwarded=True)
+    async def next(self, timeout: float, expected: int) -> IncomingStep | PushFailed | None:
+        """The next step, a step `expected` (its number) held back before coming first; or a failed push to
+        report, or None once the client ended its stream. Raises TimeoutError after `timeout` seconds without any."""
+        self._early = {number: request for number, request in self._early.items() if number >= expected}
+        if (early := self._early.pop(expected, None)) is not None:
+            return IncomingStep(early, forwarded=True)
         if self._from_client is None:
             self._from_client = asyncio.ensure_future(anext(self._requests))
-        reads_forwarded = self._forwarded is not None and self._held is None
-        from_peer = asyncio.ensure_future(self._forwarded.get()) if reads_forwarded else None
+        from_peer = None if self._forwarded is None else asyncio.ensure_future(self._forwarded.get())
         push_failure = asyncio.ensure_future(self.failed_pushes.get())
         waiting = {self._from_client, push_failure} | ({from_peer} if from_peer is not None else set())
         try:
@@ -169,7 +164,6 @@ class StepSource:
         if not done:
             raise TimeoutError
         from_client, self._from_client = self._from_client, None
-        self._held_due = True
         try:
             return IncomingStep(from_client.result(), forwarded=False)
         except StopAsyncIteration:

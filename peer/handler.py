@@ -316,8 +316,9 @@ class BlockHandler:
         steps = StepSource(requests)
         pushes = Pushes(steps.failed_pushes)
         session_open: InferenceOpen | None = None
+        next_step = 0  # the number of the session's next numbered step
         try:
-            incoming = await self._next_step(steps)
+            incoming = await self._next_step(steps, next_step)
             if incoming is None:
                 return
             assert isinstance(incoming, IncomingStep)  # no push has started yet
@@ -347,24 +348,23 @@ class BlockHandler:
                 logger.debug("Session from %s opened: blocks %d:%d", peer, session_open.start, session_open.end)
                 cache = span.new_cache(session_open.max_length)
                 if opened_ahead:
-                    incoming = await self._next_step(steps)
-                next_step = 0  # the number of the session's next numbered step
+                    incoming = await self._next_step(steps, next_step)
                 while incoming is not None:
                     if isinstance(incoming, PushFailed):  # the client sends that step itself
                         yield messages.response([], {"push_failed": incoming.step})
-                        incoming = await self._next_step(steps)
+                        incoming = await self._next_step(steps, next_step)
                         continue
                     if incoming.request is not first:
                         metadata = messages.unpack_metadata(incoming.request.metadata)
                     step = InferenceStep.from_wire(metadata)
                     if 0 <= step.step < next_step:  # arrived both forwarded and from the client: ran already
-                        incoming = await self._next_step(steps)
+                        incoming = await self._next_step(steps, next_step)
                         continue
                     if step.step > next_step:
                         if not incoming.forwarded:
                             raise ProtocolError(f"step {step.step} came before step {next_step}")
-                        steps.hold_back(incoming.request)  # the client sends the steps before it
-                        incoming = await self._next_step(steps)
+                        steps.hold_back(step.step, incoming.request)  # for its turn
+                        incoming = await self._next_step(steps, next_step)
                         continue
                     if step.step >= 0:
                         next_step += 1
@@ -381,7 +381,7 @@ class BlockHandler:
                         reply["forwarded"] = True  # under way: a failure is told later
                     await _network_delay(self.added_latency / 2)
                     yield messages.response([outputs], reply, session_open.compression)
-                    incoming = await self._next_step(steps)
+                    incoming = await self._next_step(steps, next_step)
                 logger.debug("Session from %s closed", peer)
         except _Refusal as e:
             yield messages.error_response(e.reply)
@@ -580,9 +580,10 @@ class BlockHandler:
             raise ProtocolError(f"{len(tensors)} extra tensor(s) without a 'lora' header")
         return None if lora is None and prompts is None else RequestAdapters(lora, prompts)
 
-    async def _next_step(self, steps: StepSource) -> IncomingStep | PushFailed | None:
+    async def _next_step(self, steps: StepSource, expected: int) -> IncomingStep | PushFailed | None:
+        """The session's next message; `expected`: the number of its next numbered step."""
         try:
-            incoming = await steps.next(self.limits.session_idle_timeout)
+            incoming = await steps.next(self.limits.session_idle_timeout, expected)
         except TimeoutError:
             raise _Refusal(ErrorKind.BAD_REQUEST, "session idle for too long; closed") from None
         if isinstance(incoming, IncomingStep):

@@ -148,6 +148,23 @@ def test_a_forwarded_step_ahead_of_the_session_waits_for_the_steps_the_client_se
     _run(run())
 
 
+def test_pushes_that_arrive_out_of_order_run_in_order() -> None:
+    """A session's pushes run side by side, so a later one can arrive first."""
+
+    async def run() -> None:
+        handler = _handler()
+        session = _Session(handler, "s")
+        session.send(1.0, step=0)
+        assert await session.reply() == (2.0, False)
+        assert _taken(handler, "s", 20.0, step=2)
+        assert _taken(handler, "s", 10.0, step=1)
+        assert await session.reply() == (11.0, False)
+        assert await session.reply() == (21.0, False)
+        await session.close()
+
+    _run(run())
+
+
 def _taken(handler: BlockHandler, session: str, value: float, step: int) -> bool:
     request = messages.request([torch.full((1, 1, HIDDEN), value)], ForwardedStep(session, 0, step).to_wire())
     return handler.forwarded.take(request) is None
