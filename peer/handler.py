@@ -379,6 +379,7 @@ class BlockHandler:
                     outputs = await self._inference_step(span, cache, session_open, step, hidden_states, adapters)
                     if step.forward_to and self._send_on(step, session_open, outputs, pushes):
                         reply["forwarded"] = True  # under way: a failure is told later
+                        await asyncio.sleep(0)  # the push sets out before the answer
                     await _network_delay(self.added_latency / 2)
                     yield messages.response([outputs], reply, session_open.compression)
                     incoming = await self._next_step(steps, next_step)
