@@ -197,8 +197,18 @@ def test_peers_forward_decode_steps_to_the_next_span(
     distributed, local = swarm_and_local
     monkeypatch.setattr(CheckSchedule, "due", lambda schedule: False)  # a checked step is never forwarded
     monkeypatch.setattr(distributed.swarm, "config", replace(distributed.swarm.config, forward_steps=forward_steps))
+    new_tokens = 9
+    forwarded, spans = _forwarded_steps_of_a_generation(distributed, local, _prompts(2, 6, seed=11), new_tokens)
+    assert spans >= 2
+    assert forwarded == (new_tokens * (spans - 1) if forward_steps else 0)
+
+
+def _forwarded_steps_of_a_generation(
+    distributed: DistributedModelForCausalLM, local: torch.nn.Module, prompt: torch.Tensor, new_tokens: int
+) -> tuple[int, int]:
+    """Generate in one session, check the tokens against local and that no span was replaced; the steps
+    forwarded meanwhile and the route's spans."""
     forwarded = client_metrics().forwarded_steps
-    prompt, new_tokens = _prompts(batch=2, length=6, seed=11), 9
     expected = local.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
     before = forwarded._value.get()
     with distributed.inference_session(max_length=prompt.shape[1] + new_tokens) as session:
@@ -206,8 +216,7 @@ def test_peers_forward_decode_steps_to_the_next_span(
         assert session.route is not None and session.reroutes == 0
         spans = len(session.route.spans)
     assert torch.equal(output, expected)
-    assert spans >= 2
-    assert forwarded._value.get() - before == (new_tokens * (spans - 1) if forward_steps else 0)
+    return int(forwarded._value.get() - before), spans
 
 
 def test_the_client_sends_a_step_itself_when_its_push_failed(
@@ -231,14 +240,7 @@ def test_the_client_sends_a_step_itself_when_its_push_failed(
 
     monkeypatch.setattr(InferenceStream, "forward_target", unknown_session)
     monkeypatch.setattr(InferenceStream, "push_failure", noted_failure)
-    forwarded = client_metrics().forwarded_steps
-    prompt, new_tokens = _prompts(batch=1, length=5, seed=12), 6
-    expected = local.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
-    before = forwarded._value.get()
-    with distributed.inference_session(max_length=prompt.shape[1] + new_tokens) as session:
-        output = distributed.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
-        assert session.route is not None and session.reroutes == 0
-        spans = len(session.route.spans)
-    assert torch.equal(output, expected)
-    assert forwarded._value.get() == before
+    new_tokens = 6
+    forwarded, spans = _forwarded_steps_of_a_generation(distributed, local, _prompts(1, 5, seed=12), new_tokens)
+    assert forwarded == 0
     assert len(told) == new_tokens * (spans - 1)  # every push failed and was told
