@@ -8,15 +8,16 @@ a real network the client's round trips are the long ones.
 
 The client names the targets in the step (`InferenceStep.forward_to`), for each later span: its peer, the random id
 of the session there, which the client tells no one else, the step's number in that session, and how long the push
-may take (half the client's own timeout for the pushing peer's answer). Each peer sends its output on to the first
-target, with the rest, as the client would have sent it (decoded under the wire compression, narrowed to the
-target's compute dtype). The pushing peer answers the client with `{"forwarded": true}` as soon as the push is under
-way, without waiting for the target to take it: on a network where peers are as far from each other as from the
-client, waiting would cost the client a round trip between peers per span. If a push fails, the peer says so on the
-client's stream (a message `{"push_failed": step}`, between its answers) and the client sends the step itself. Steps
-are numbered, so one that arrives both ways is run once, and one pushed ahead of its turn (the pushes of a pipelined
-prompt's chunks run side by side) waits for it. The answer to a forwarded step carries a digest of what it ran on,
-which the client compares with what the pushing peer answered it (swarm/client/session.py).
+may take (half the client's own timeout for the step, so that a failed push is told in time for the client to send
+the step itself). Each peer sends its output on to the first target, with the rest, as the client would have sent it
+(decoded under the wire compression, narrowed to the target's compute dtype). The pushing peer answers the client
+with `{"forwarded": true}` as soon as the push is under way, without waiting for the target to take it: on a network
+where peers are as far from each other as from the client, waiting would cost the client a round trip between peers
+per span. If a push fails, the peer says so on the client's stream (a message `{"push_failed": step}`, between its
+answers) and the client sends the step itself. Steps are numbered, so one that arrives both ways is run once, and
+one pushed ahead of its turn (the pushes of a pipelined prompt's chunks run side by side) waits for it. The answer
+to a forwarded step carries a digest of what it ran on, which the client compares with what the pushing peer
+answered it (swarm/client/session.py).
 """
 
 from __future__ import annotations

@@ -406,8 +406,8 @@ class InferenceSession:
     def _forward_targets(self, index: int, seq: int, checked: dict[int, bool]) -> tuple[ForwardTarget, ...]:
         """The spans after `index` that get this step of `seq` tokens from their previous span's peer: each next
         one while its session is open on its peer, up to one whose predecessor's output is spot-checked first (the
-        next span must not run on an output before its check). A peer may wait half the client's timeout for its
-        own answer for the next peer to take the step: a hung next peer is then found as such."""
+        next span must not run on an output before its check). A push may take half the client's timeout for the
+        step: one that fails is then told in time for the client to send the step itself."""
         if not self.swarm.config.forward_steps:
             return ()
         targets = []
