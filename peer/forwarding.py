@@ -41,7 +41,7 @@ from swarm.swarm_key import SwarmKey, rpc_token
 
 logger = logging.getLogger(__name__)
 
-MAX_FORWARDED_WAITING = 4  # forwarded steps a session holds before it ran them; more are refused
+MAX_FORWARDED_WAITING = 16  # forwarded steps a session holds before it runs them (a pipelined prompt's chunks)
 
 
 class ForwardedSteps:

@@ -338,7 +338,7 @@ class InferenceStream:
         replies, self._replies = self._replies, None
         if self._reader is not None:
             self._reader.cancel()
-            await asyncio.wait([self._reader])
+            await asyncio.wait([self._reader], timeout=1.0)  # a read stuck in hivemind's clean-up is left behind
         if replies is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(replies.aclose(), timeout=1.0)
