@@ -148,6 +148,11 @@ def press_ctrl_c_once_held(unheld: object) -> None:
 
 
 def running_p2pds() -> list[ProcessInfo]:
-    """Every p2pd on this machine, orphans included."""
+    """The p2pds below this process, and orphaned ones (adopted by init): not those of other programs' processes."""
+    ours = {os.getpid(), *(info.pid for info in descendants(os.getpid()))}
     found = (read_process(int(entry.name)) for entry in Path("/proc").iterdir() if entry.name.isdigit())
-    return [info for info in found if info is not None and info.name == "p2pd" and info.is_running()]
+    return [
+        info
+        for info in found
+        if info is not None and info.name == "p2pd" and info.is_running() and (info.ppid == 1 or info.ppid in ours)
+    ]
