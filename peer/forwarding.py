@@ -14,18 +14,20 @@ the step itself). Each peer sends its output on to the first target, with the re
 with `{"forwarded": true}` as soon as the push is under way, without waiting for the target to take it: on a network
 where peers are as far from each other as from the client, waiting would cost the client a round trip between peers
 per span. If a push fails, the peer says so on the client's stream (a message `{"push_failed": step}`, between its
-answers) and the client sends the step itself. Steps are numbered, so one that arrives both ways is run once, and
-one pushed ahead of its turn (the pushes of a pipelined prompt's chunks run side by side) waits for it. The answer
-to a forwarded step carries a digest of what it ran on, which the client compares with what the pushing peer
+answers) and the client sends the step itself. A session's pushes to the next span's peer go in order over one
+stream, each acknowledged once taken. Steps are numbered, so one that arrives both ways is run once, and one pushed
+ahead of its turn (an earlier push failed, and the client sends that step itself) waits for it. The answer to a
+forwarded step carries a digest of what it ran on, which the client compares with what the pushing peer
 answered it (swarm/client/session.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import collections
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import torch
@@ -89,27 +91,133 @@ class PushFailed:
 
 
 class Pushes:
-    """A session's pushes to the next span's peer, each in the background, so that the peer answers the client at
-    once, side by side (the next peer runs a step pushed ahead of its turn in its turn). Failures go to `failed`
-    (the step numbers)."""
+    """A session's pushes of its steps' outputs to the next span's peer. The peer answers the client at once and
+    the push goes on in the background, over one stream to that peer's session for as long as the target stays
+    the same (`_PushStream`). Failures go to `failed` (the step numbers), to be told to the client."""
 
-    def __init__(self, failed: asyncio.Queue[int]):
-        self._failed = failed
-        self._running: set[asyncio.Task] = set()
+    def __init__(self, p2p: P2P | None, swarm_key: SwarmKey | None, here: ForwardedSteps):
+        self._p2p = p2p  # None: the handler serves no peer-to-peer calls (unit tests), so nothing can be pushed
+        self._swarm_key = swarm_key
+        self._here = here  # this peer's own sessions, for a target on this same peer
+        self._stream: _PushStream | None = None
+        self.failed: asyncio.Queue[int] = asyncio.Queue()
 
-    def start(self, step: int, push: Callable[[], Awaitable[bool]]) -> None:
-        async def run() -> None:
-            if not await push():
-                self._failed.put_nowait(step)
+    @property
+    def unsettled(self) -> bool:
+        """Whether a push may still fail, or a failure is yet to be told."""
+        return not self.failed.empty() or (self._stream is not None and self._stream.unacknowledged)
 
-        task = asyncio.ensure_future(run())
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+    def start(
+        self, step: int, targets: tuple[ForwardTarget, ...], position: int, outputs: torch.Tensor, compression: str
+    ) -> bool:
+        """Start pushing the output of the session's step `step` to `targets[0]`, which sends its own on to the
+        rest, as the client would have sent it: decoded under the wire compression, narrowed to the target's dtype.
+        False when it cannot go: a long prompt step, which the client sends in chunks."""
+        if self._p2p is None or messages.payload_bytes([outputs]) > MAX_UNARY_PAYLOAD_BYTES:
+            return False
+        target, *rest = targets
+        outputs = in_compute_dtype(messages.as_received(outputs, compression), target.dtype)
+        metadata = ForwardedStep(target.session, position, target.step, tuple(rest)).to_wire()
+        own_id = self._p2p.peer_id.to_base58()
+        if target.peer_id == own_id:
+            if self._here.take(messages.request([outputs], metadata, compression)) is not None:
+                self.failed.put_nowait(step)
+            return True
+        stream = self._stream_to(target)
+        if self._swarm_key is not None and stream.fresh:  # the stream's first message carries the token
+            metadata["auth"] = rpc_token(self._swarm_key, own_id, target.peer_id)
+        stream.send(step, messages.request([outputs], metadata, compression), target.timeout)
+        return True
 
-    def cancel(self) -> None:
+    def prepare(self, target: ForwardTarget) -> None:
+        """Start opening the stream to `target` (if it is not open), so that it opens while the step computes: on
+        a session's first step, opening it after would delay the first token."""
+        if self._p2p is not None and target.peer_id != self._p2p.peer_id.to_base58():
+            self._stream_to(target)
+
+    def _stream_to(self, target: ForwardTarget) -> _PushStream:
+        assert self._p2p is not None
+        stream = self._stream
+        if stream is None or stream.ended or not stream.goes_to(target):
+            if stream is not None:
+                stream.close()
+            stream = self._stream = _PushStream(self._p2p, target, self.failed)
+        return stream
+
+    def close(self) -> None:
         """The session ended: its pushes are moot."""
-        for task in self._running:
-            task.cancel()
+        if self._stream is not None:
+            self._stream.close()
+
+
+class _PushStream:
+    """Steps pushed to one session on another peer over one libp2p stream (RPC_PUSH), each acknowledged in turn
+    once that peer took it: a stream per step would cost p2pd about a millisecond more per step on loopback. A step
+    not taken within its timeout, a refusal or a broken stream ends the stream and fails every step still
+    unacknowledged; the next push opens a new one."""
+
+    def __init__(self, p2p: P2P, target: ForwardTarget, failed: asyncio.Queue[int]):
+        self._peer_id, self._session = target.peer_id, target.session
+        self._failed = failed
+        self._requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
+        self._waiting: collections.deque[tuple[int, asyncio.TimerHandle]] = collections.deque()  # in sending order
+        self.fresh = True  # nothing sent on it yet
+        self.ended = False
+        self._reader = asyncio.ensure_future(self._read(p2p))
+
+    def goes_to(self, target: ForwardTarget) -> bool:
+        return (self._peer_id, self._session) == (target.peer_id, target.session)
+
+    @property
+    def unacknowledged(self) -> bool:
+        return bool(self._waiting)
+
+    def send(self, step: int, request: runtime_pb2.ExpertRequest, timeout: float) -> None:
+        timer = asyncio.get_running_loop().call_later(timeout, self._check_taken, step)
+        self._waiting.append((step, timer))
+        self._requests.put_nowait(request)
+        self.fresh = False
+
+    def close(self) -> None:
+        self._reader.cancel()  # its clean-up ends the stream
+
+    def _check_taken(self, step: int) -> None:
+        if any(waiting == step for waiting, _ in self._waiting):
+            logger.debug("Peer %s did not take forwarded step %d in time", short_id(self._peer_id), step)
+            self.close()
+
+    async def _read(self, p2p: P2P) -> None:
+        replies: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+        try:
+            replies = await p2p.iterate_protobuf_handler(
+                PeerID.from_base58(self._peer_id), RPC_PUSH, self._outgoing(), runtime_pb2.ExpertResponse
+            )
+            async for reply in replies:
+                if not self._waiting:
+                    raise ProtocolError("an acknowledgement of no forwarded step")
+                step, timer = self._waiting.popleft()
+                timer.cancel()
+                error = messages.error_of(messages.unpack_metadata(reply.metadata)) if reply.metadata else None
+                if error is not None:
+                    logger.debug("Peer %s did not take a forwarded step: %s", short_id(self._peer_id), error.message)
+                    self._failed.put_nowait(step)
+                    return
+        except Exception as e:  # unreachable, malformed
+            logger.debug("Forwarding steps to %s failed: %s: %s", short_id(self._peer_id), type(e).__name__, e)
+        finally:
+            self.ended = True
+            for step, timer in self._waiting:
+                timer.cancel()
+                self._failed.put_nowait(step)
+            self._waiting.clear()
+            self._requests.put_nowait(None)
+            if replies is not None:
+                with contextlib.suppress(Exception):
+                    await replies.aclose()
+
+    async def _outgoing(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        while (request := await self._requests.get()) is not None:
+            yield request
 
 
 class StepSource:
@@ -117,12 +225,12 @@ class StepSource:
     previous span's peer: whichever comes first. At most one read of the client's stream is pending at a time, so
     a client cannot queue steps faster than they run."""
 
-    def __init__(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
+    def __init__(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], pushes: Pushes):
         self._requests = requests
+        self._pushes = pushes  # the session's own, whose failures are to be told to the client
         self._forwarded: asyncio.Queue[runtime_pb2.ExpertRequest] | None = None
         self._from_client: asyncio.Future[runtime_pb2.ExpertRequest] | None = None
         self._early: dict[int, runtime_pb2.ExpertRequest] = {}  # forwarded steps ahead of their turn, by number
-        self.failed_pushes: asyncio.Queue[int] = asyncio.Queue()  # this session's (`Pushes`), to tell the client
 
     def take_forwarded(self, forwarded: asyncio.Queue[runtime_pb2.ExpertRequest] | None) -> None:
         """From now on, also the steps put in `forwarded` (the session's, once it is open; None: none)."""
@@ -148,8 +256,9 @@ class StepSource:
         if self._from_client is None:
             self._from_client = asyncio.ensure_future(anext(self._requests))
         from_peer = None if self._forwarded is None else asyncio.ensure_future(self._forwarded.get())
-        push_failure = asyncio.ensure_future(self.failed_pushes.get())
-        waiting = {self._from_client, push_failure} | ({from_peer} if from_peer is not None else set())
+        # no push can start while this waits: with none unsettled now, none can fail
+        push_failure = asyncio.ensure_future(self._pushes.failed.get()) if self._pushes.unsettled else None
+        waiting = {self._from_client} | {read for read in (from_peer, push_failure) if read is not None}
         try:
             done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -157,10 +266,10 @@ class StepSource:
                 if queue_read is not None and not queue_read.done():
                     queue_read.cancel()  # a cancelled Queue.get leaves its item in the queue
         if from_peer is not None and from_peer in done:
-            if push_failure in done:
-                self.failed_pushes.put_nowait(push_failure.result())  # reported next time
+            if push_failure is not None and push_failure in done:
+                self._pushes.failed.put_nowait(push_failure.result())  # reported next time
             return IncomingStep(from_peer.result(), forwarded=True)  # the client's read stays pending
-        if push_failure in done:
+        if push_failure is not None and push_failure in done:
             return PushFailed(push_failure.result())  # likewise
         if not done:
             raise TimeoutError
@@ -184,52 +293,3 @@ class StepSource:
     def close(self) -> None:
         if self._from_client is not None and not self._from_client.done():
             self._from_client.cancel()
-
-
-def push_of(
-    p2p: P2P,
-    swarm_key: SwarmKey | None,
-    targets: tuple[ForwardTarget, ...],
-    position: int,
-    outputs: torch.Tensor,
-    compression: str,
-    here: ForwardedSteps,
-) -> Callable[[], Awaitable[bool]] | None:
-    """The push of a step's output to the next span's peer (`targets[0]`, which sends its own on to the rest), to
-    await later: whether that peer took the step. None when it cannot go: a long prompt step, which the client
-    sends in chunks. The message is made now, from the outputs as they are now."""
-    if messages.payload_bytes([outputs]) > MAX_UNARY_PAYLOAD_BYTES:
-        return None
-    target, *rest = targets
-    # what the client would send the next peer: the answer as it decodes it, narrowed to the next peer's dtype
-    outputs = in_compute_dtype(messages.as_received(outputs, compression), target.dtype)
-    metadata = ForwardedStep(target.session, position, target.step, tuple(rest)).to_wire()
-    if target.peer_id == p2p.peer_id.to_base58():
-        request = messages.request([outputs], metadata, compression)
-        return lambda: _taken_here(here, request)
-    if swarm_key is not None:
-        metadata["auth"] = rpc_token(swarm_key, p2p.peer_id.to_base58(), target.peer_id)
-    return functools.partial(_push, p2p, target, messages.request([outputs], metadata, compression))
-
-
-async def _taken_here(here: ForwardedSteps, request: runtime_pb2.ExpertRequest) -> bool:
-    return here.take(request) is None
-
-
-async def _push(p2p: P2P, target: ForwardTarget, request: runtime_pb2.ExpertRequest) -> bool:
-    """Never raises: on failure the client sends the step itself."""
-    try:
-        reply = await asyncio.wait_for(
-            p2p.call_protobuf_handler(
-                PeerID.from_base58(target.peer_id), RPC_PUSH, request, runtime_pb2.ExpertResponse
-            ),
-            target.timeout,
-        )
-        error = messages.error_of(messages.unpack_metadata(reply.metadata)) if reply.metadata else None
-    except Exception as e:  # unreachable, timed out, malformed
-        logger.debug("Forwarding a step to %s failed: %s: %s", short_id(target.peer_id), type(e).__name__, e)
-        return False
-    if error is not None:
-        logger.debug("Peer %s did not take a forwarded step: %s", short_id(target.peer_id), error.message)
-        return False
-    return True

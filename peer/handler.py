@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from hivemind.p2p import P2P, P2PContext, PeerID
@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from monitoring.peer_metrics import PeerMetrics
 from peer.config import PeerConfig, default_max_message_bytes
-from peer.forwarding import ForwardedSteps, IncomingStep, Pushes, PushFailed, StepSource, push_of
+from peer.forwarding import ForwardedSteps, IncomingStep, Pushes, PushFailed, StepSource
 from peer.kv_cache import KVCacheBudget
 from peer.runtime import BlockRuntime, RequestAdapters
 from swarm import messages
@@ -85,6 +85,7 @@ class HandlerLimits:
 
 # (the call's span and compression, its whole metadata, its tensors) -> reply tensors, hidden states (or their
 # gradients) first
+_Message = TypeVar("_Message")
 _SpanComputation = Callable[[SpanRequest, dict[str, Any], list[torch.Tensor]], Awaitable[list[torch.Tensor]]]
 
 
@@ -151,9 +152,8 @@ class BlockHandler:
         forward_noise: float = 0.0,
     ):
         self.runtime = runtime
-        # benchmarks only, a network: a round trip with a client (the step waits half before it runs and its reply
-        # half after), and one with another peer (a push waits half before its step is taken, and its
-        # acknowledgement half after)
+        # benchmarks only, a network: a round trip with a client (each message of a session arrives half of it
+        # late, each way), and one with another peer (a pushed step arrives half of it late)
         self.added_latency = added_latency
         self.added_peer_latency = added_peer_latency
         self.forward_noise = forward_noise  # tests only: a faulty peer forwards other outputs than it answers
@@ -185,13 +185,13 @@ class BlockHandler:
             (RPC_INFO, "info", self.rpc_info),
             (RPC_FORWARD, "forward", self.rpc_forward),
             (RPC_BACKWARD, "backward", self.rpc_backward),
-            (RPC_PUSH, "push", self.rpc_push),
         ]:
             await p2p.add_protobuf_handler(name, self._measured(rpc, self._members_only(unary)), request_type)
         for name, rpc, stream in [
             (RPC_INFERENCE, "inference", self.rpc_inference),
             (RPC_FORWARD_STREAM, "forward", self.rpc_forward_stream),
             (RPC_BACKWARD_STREAM, "backward", self.rpc_backward_stream),
+            (RPC_PUSH, "push", self.rpc_push),
         ]:
             await p2p.add_protobuf_handler(
                 name,
@@ -312,9 +312,19 @@ class BlockHandler:
         """One session: reserve cache, then answer each step with the blocks' output, until the stream closes.
         Steps come from the client's stream and, when the session has an id, pushed by the previous span's peer
         (peer/forwarding.py); numbered steps run once and in order."""
+        # benchmarks only: every message half a round trip late each way, as on a network
+        delay = self.added_latency / 2
+        replies = _delayed(self._session(_delayed(requests, delay), context), delay)
+        async with contextlib.aclosing(replies):
+            async for reply in replies:
+                yield reply
+
+    async def _session(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         peer = short_id(context.remote_id)
-        steps = StepSource(requests)
-        pushes = Pushes(steps.failed_pushes)
+        pushes = Pushes(self._p2p, self.swarm_key, self.forwarded)
+        steps = StepSource(requests, pushes)
         session_open: InferenceOpen | None = None
         next_step = 0  # the number of the session's next numbered step
         try:
@@ -374,13 +384,12 @@ class BlockHandler:
                     if incoming.forwarded:  # the client checks that this is what the previous peer answered it
                         reply["input_digest"] = messages.tensor_digest(hidden_states)
                     cache = self._rewound(span, cache, step.position, session_open.max_length)
-                    if not incoming.forwarded:  # a push waited in `rpc_push`
-                        await _network_delay(self.added_latency / 2)
+                    if step.forward_to:
+                        pushes.prepare(step.forward_to[0])
                     outputs = await self._inference_step(span, cache, session_open, step, hidden_states, adapters)
                     if step.forward_to and self._send_on(step, session_open, outputs, pushes):
                         reply["forwarded"] = True  # under way: a failure is told later
                         await asyncio.sleep(0)  # the push sets out before the answer
-                    await _network_delay(self.added_latency / 2)
                     yield messages.response([outputs], reply, session_open.compression)
                     incoming = await self._next_step(steps, next_step)
                 logger.debug("Session from %s closed", peer)
@@ -392,7 +401,7 @@ class BlockHandler:
             await self._drop_rest(steps.rest())
         finally:
             steps.close()
-            pushes.cancel()
+            pushes.close()
             if steps.takes_forwarded and session_open is not None:
                 self.forwarded.close(session_open.session)
 
@@ -405,31 +414,29 @@ class BlockHandler:
         except ValueError as e:
             raise _Refusal(ErrorKind.BAD_REQUEST, str(e)) from None
 
-    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        """A step of one of this peer's sessions, sent on by the peer of the span before (peer/forwarding.py)."""
-        try:
-            self._check_size(request.ByteSize(), "a forwarded step")
-        except _Refusal as e:
-            return messages.error_response(e.reply)
-        await _network_delay(self.added_peer_latency / 2)
-        error = self.forwarded.take(request)
-        await _network_delay(self.added_peer_latency / 2)
-        return runtime_pb2.ExpertResponse() if error is None else messages.error_response(error)
+    async def rpc_push(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Steps of one of this peer's sessions, sent on by the peer of the span before (peer/forwarding.py), each
+        acknowledged once taken; a refusal ends the stream."""
+        # benchmarks only: a step comes half a round trip between peers late; acknowledgements are on no step's path
+        async with contextlib.aclosing(_delayed(requests, self.added_peer_latency / 2)) as arriving:
+            async for request in arriving:
+                try:
+                    self._check_size(request.ByteSize(), "a forwarded step")
+                    error = self.forwarded.take(request)
+                except _Refusal as e:
+                    error = e.reply
+                if error is not None:
+                    yield messages.error_response(error)
+                    return
+                yield runtime_pb2.ExpertResponse()
 
     def _send_on(self, step: InferenceStep, session_open: InferenceOpen, outputs: torch.Tensor, pushes: Pushes) -> bool:
         """Start pushing the step's output on to the next span's peer; False when it cannot go."""
-        if self._p2p is None:
-            return False
         if self.forward_noise:
             outputs = outputs + torch.randn(outputs.shape) * self.forward_noise
-        push = push_of(
-            self._p2p, self.swarm_key, step.forward_to, step.position, outputs, session_open.compression,
-            self.forwarded,
-        )  # fmt: skip
-        if push is None:
-            return False
-        pushes.start(step.step, push)
-        return True
+        return pushes.start(step.step, step.forward_to, step.position, outputs, session_open.compression)
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         return await self._answer(request, context, self._forward)
@@ -682,9 +689,37 @@ class BlockHandler:
 _NOT_A_MEMBER = ErrorReply(ErrorKind.UNAUTHORIZED, "this peer serves a private swarm; join it with its --swarm-key")
 
 
-async def _network_delay(seconds: float) -> None:
-    if seconds:
-        await asyncio.sleep(seconds)
+async def _delayed(messages_in: AsyncIterator[_Message], seconds: float) -> AsyncIterator[_Message]:
+    """Each message `seconds` after it came, without holding up the ones behind it: a network's delay (benchmarks
+    only). A sleep per message where it is read or written would add the delays of a session's messages up (the
+    chunks of a pipelined prompt, sent back to back, would arrive one delay apart)."""
+    if not seconds:
+        try:
+            async for message in messages_in:
+                yield message
+        finally:  # closed before its end (a stream broken off): the source ends now, not once collected
+            if (aclose := getattr(messages_in, "aclose", None)) is not None:
+                await aclose()
+        return
+    arrived: asyncio.Queue[tuple[float, _Message] | None] = asyncio.Queue()
+
+    async def read() -> None:
+        try:
+            async for message in messages_in:
+                arrived.put_nowait((time.monotonic() + seconds, message))
+        finally:
+            arrived.put_nowait(None)
+
+    reader = asyncio.ensure_future(read())
+    try:
+        while (item := await arrived.get()) is not None:
+            due, message = item
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            yield message
+        await reader  # its error, if it failed
+    finally:
+        reader.cancel()  # which ends the source where the reader waits on it
+        await asyncio.gather(reader, return_exceptions=True)
 
 
 def _status_of(response: runtime_pb2.ExpertResponse) -> str:

@@ -22,8 +22,9 @@ evenly), so the figures measure this implementation's overhead, not a network. I
     local model's, and whether the greedy tokens stay equal.
 
 `--added-latency-ms` and `--peer-latency-ms` give the loopback peers a network's round trips, with the client
-and between peers (the peers wait them out: half before a step runs and half before its answer, half before a
-pushed step is taken and half before its acknowledgement). `--device cuda --dtype bfloat16` runs the local
+and between peers (the peers wait them out: each message of an inference session arrives half a round trip with
+the client late, each way, and a pushed step half a round trip between peers late, each without holding up the
+messages behind it). `--device cuda --dtype bfloat16` runs the local
 model, the client's own parts and the loopback peers there.
 Plain greedy tokens through the swarm must equal the local model's (else exit code 1); speculative and lossy-wire
 tokens are compared and reported.

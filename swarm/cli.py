@@ -561,8 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prefill-chunk", "--prefill_chunk", type=_positive_int, default=128,
         help="chunk of the pipelined prefill (default: %(default)s)")  # fmt: skip
     add("--added-latency-ms", "--added_latency_ms", type=float, default=0.0,
-        help="round trip between the client and each loopback peer, added to every inference step, as a network "
-             "would (default: %(default)s)")  # fmt: skip
+        help="round trip between the client and each loopback peer, added to every inference message, as a "
+             "network would (default: %(default)s)")  # fmt: skip
     add("--peer-latency-ms", "--peer_latency_ms", type=float, default=None,
         help="round trip between two loopback peers, added to every step one forwards to the other "
              "(default: --added-latency-ms)")  # fmt: skip

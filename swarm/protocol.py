@@ -18,9 +18,11 @@ RPCs (hivemind P2P protobuf handlers; requests are `ExpertRequest`, replies `Exp
                                       peer (RPC_PUSH, with the other targets), and its reply says
                                       `{"forwarded": true}` when that push is under way; if the push then fails,
                                       a message `{"push_failed": step}` (no tensors) follows, between answers
-  * RPC_PUSH        unary            `ForwardedStep`, tensors [hidden]  -> empty reply (taken) or an error; the
-                                      receiving peer runs it as the next step of the session `session` names and
-                                      answers it on that session's stream, as if the client had sent it
+  * RPC_PUSH        stream <-> stream  `ForwardedStep`s, tensors [hidden], each answered by an empty reply
+                                      (taken) or an error, which ends the stream; the receiving peer runs each as
+                                      the next step of the session `session` names and answers it on that
+                                      session's stream, as if the client had sent it (one push stream per session
+                                      and next peer, for as long as the session lasts)
   * RPC_FORWARD     unary or stream  `SpanRequest`, tensors [hidden, *lora]            -> [hidden]
   * RPC_BACKWARD    unary or stream  `SpanRequest`, tensors [hidden, grad_out, *lora]  -> [grad_in, *grad_lora]
                                       with `{"lora": LoraHeader}` in the metadata, the caller's LoRA adapter for
@@ -44,7 +46,7 @@ from typing import Any, TypeVar
 
 from swarm.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: RPC_PUSH is a stream
 MODELS_KEY = "blockswarm.models"
 
 RPC_INFO = "blockswarm.info"

@@ -122,14 +122,16 @@ def test_demo_generates_equal_to_local_and_leaves_no_process(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_bench_reports_every_figure_with_tokens_equal_local(tmp_path: Path) -> None:
-    """`swarm bench` on a loopback swarm: every figure present and positive, exact wire tokens equal local,
-    lossy wire compressions measured against the local logits. (Its speeds are reported, never asserted.)"""
+    """`swarm bench` on a loopback swarm, with emulated round trips: every figure present and positive, exact wire
+    tokens equal local, lossy wire compressions measured against the local logits. (Its speeds are reported, never
+    asserted.)"""
     model_dir = tmp_path / "tiny-llama"
     save_tiny_model("llama", model_dir, num_layers=4)
     result_file = tmp_path / "bench.json"
     run = run_cli(
         "bench", str(model_dir), "--new-tokens", "6", "--repeats", "1", "--clients", "2", "--long-prompt", "24",
-        "--prefill-chunk", "8", "--json", str(result_file), timeout=DEMO_TIMEOUT,
+        "--prefill-chunk", "8", "--added-latency-ms", "10", "--peer-latency-ms", "4", "--json", str(result_file),
+        timeout=DEMO_TIMEOUT,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "decode tokens/s" in run.stdout and "wire 8bit" in run.stdout

@@ -29,6 +29,7 @@ from swarm.protocol import (
     RPC_FORWARD_STREAM,
     RPC_INFERENCE,
     RPC_INFO,
+    RPC_PUSH,
     SpanRequest,
 )
 from swarm.testing import LocalSwarm
@@ -42,7 +43,7 @@ LOST_REPLIES: list[str] = []
 CLOSED_STREAMS: list[str] = []
 RSS_GROWTH_LIMIT = 256 * 2**20  # bytes the peer may grow over all the cases (allocator caches, not leaks)
 UNARY = (RPC_INFO, RPC_FORWARD, RPC_BACKWARD)
-STREAMS = (RPC_INFERENCE, RPC_FORWARD_STREAM, RPC_BACKWARD_STREAM)
+STREAMS = (RPC_INFERENCE, RPC_FORWARD_STREAM, RPC_BACKWARD_STREAM, RPC_PUSH)
 HIDDEN = 64  # the llama of tests/model_factory.py
 # a stream the peer closed without a reply after garbage: a refusal at the transport level
 HUNG_UP = runtime_pb2.ExpertResponse(metadata=messages.pack_metadata({"error": "hung up"}))

@@ -1,6 +1,6 @@
 """Steps forwarded from peer to peer (peer/forwarding.py), on the handler itself: a forwarded step is answered on
-the client's stream, a step that arrives twice runs once, one that arrives early waits for its turn, and pushes
-that name no open session are refused.
+the client's stream, a step that arrives twice runs once, one that arrives early waits for its turn, pushes
+that name no open session are refused, and a push that a hung peer does not take fails in time.
 
 The handler runs on a fake one-block runtime that adds 1 to the hidden states (tests/unit/fake_blocks.py), so each
 run of a step shows."""
@@ -8,6 +8,7 @@ run of a step shows."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Coroutine
 from types import SimpleNamespace
 from typing import Any
@@ -15,11 +16,13 @@ from typing import Any
 import torch
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.utils.asyncio import as_aiter
 
+from peer.forwarding import ForwardedSteps, Pushes
 from peer.handler import BlockHandler, HandlerLimits
 from peer.kv_cache import KVCacheBudget
 from swarm import messages
-from swarm.protocol import ErrorKind, ForwardedStep, ForwardTarget, InferenceOpen, InferenceStep
+from swarm.protocol import ErrorKind, ErrorReply, ForwardedStep, ForwardTarget, InferenceOpen, InferenceStep
 from tests.unit.fake_blocks import HIDDEN, FakeRuntime
 
 HERE = PeerID(b"peer")
@@ -80,10 +83,18 @@ class _Session:
         assert [reply async for reply in self.replies] == []
 
 
-def _push(handler: BlockHandler, session: str, value: float, step: int) -> runtime_pb2.ExpertResponse:
-    metadata = ForwardedStep(session, 0, step).to_wire()
-    request = messages.request([torch.full((1, 1, HIDDEN), value)], metadata)
-    return _run(handler.rpc_push(request, P2PContext("test", HERE, PeerID(b"previous-peer"))))
+def _pushed(handler: BlockHandler, *steps: tuple[str, float, int]) -> list[ErrorReply | None]:
+    """Push (session, value, step number) steps over one stream; what each acknowledgement said, in order."""
+    requests = [
+        messages.request([torch.full((1, 1, HIDDEN), value)], ForwardedStep(session, 0, step).to_wire())
+        for session, value, step in steps
+    ]
+
+    async def push() -> list[ErrorReply | None]:
+        replies = handler.rpc_push(as_aiter(*requests), P2PContext("test", HERE, PeerID(b"previous-peer")))
+        return [messages.error_of(messages.unpack_metadata(reply.metadata)) async for reply in replies]
+
+    return _run(push())
 
 
 def test_a_chain_of_sessions_forwards_each_step_and_answers_each_on_its_own_stream() -> None:
@@ -149,7 +160,7 @@ def test_a_forwarded_step_ahead_of_the_session_waits_for_the_steps_the_client_se
 
 
 def test_pushes_that_arrive_out_of_order_run_in_order() -> None:
-    """A session's pushes run side by side, so a later one can arrive first."""
+    """A push stream that timed out may still deliver its last step after the next stream's first."""
 
     async def run() -> None:
         handler = _handler()
@@ -170,9 +181,18 @@ def _taken(handler: BlockHandler, session: str, value: float, step: int) -> bool
     return handler.forwarded.take(request) is None
 
 
+def test_a_push_stream_acknowledges_each_step_taken_and_ends_at_a_refusal() -> None:
+    handler = _handler()
+    inbox = handler.forwarded.open("s")
+    acknowledgements = _pushed(handler, ("s", 1.0, 1), ("s", 2.0, 2), ("unknown", 3.0, 3), ("s", 4.0, 4))
+    assert acknowledgements[:2] == [None, None] and inbox.qsize() == 2
+    (refused,) = acknowledgements[2:]  # nothing after the refusal: the pushing peer opens a new stream
+    assert refused is not None and refused.kind is ErrorKind.BAD_REQUEST and "no open session" in refused.message
+
+
 def test_pushes_to_no_open_session_are_refused_and_a_step_ahead_of_the_session_ends_it() -> None:
     handler = _handler()
-    refused = messages.error_of(messages.unpack_metadata(_push(handler, "unknown", 1.0, 0).metadata))
+    (refused,) = _pushed(handler, ("unknown", 1.0, 0))
     assert refused is not None and refused.kind is ErrorKind.BAD_REQUEST and "no open session" in refused.message
 
     async def run() -> None:
@@ -252,3 +272,58 @@ def test_a_failed_push_is_told_to_the_client_after_the_answer() -> None:
         await session.close()
 
     _run(run())
+
+
+class _SilentPeer:
+    """A P2P whose push streams to other peers are taken but never acknowledged (a hung peer): counts the streams
+    opened and the steps sent on them."""
+
+    peer_id = HERE
+
+    def __init__(self) -> None:
+        self.streams = 0
+        self.sent: list[int] = []
+
+    async def iterate_protobuf_handler(
+        self, peer_id: PeerID, name: str, requests: AsyncIterator[runtime_pb2.ExpertRequest], output_type: type
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        self.streams += 1
+
+        async def replies() -> AsyncIterator[runtime_pb2.ExpertResponse]:
+            async for request in requests:
+                self.sent.append(ForwardedStep.from_wire(messages.unpack_metadata(request.metadata)).step)
+            yield runtime_pb2.ExpertResponse()  # never reached while the stream is open
+
+        return replies()
+
+
+def test_a_push_not_taken_in_time_fails_and_the_next_push_opens_a_new_stream() -> None:
+    async def run() -> None:
+        peer = _SilentPeer()
+        pushes = Pushes(peer, None, ForwardedSteps())  # type: ignore[arg-type]
+        other = PeerID(b"next-peer").to_base58()
+        outputs = torch.zeros(1, 1, HIDDEN)
+        assert pushes.start(0, (ForwardTarget(other, "s", 1, 0.05),), 0, outputs, "none")
+        assert pushes.unsettled
+        assert await asyncio.wait_for(pushes.failed.get(), 5) == 0  # after its 0.05 s
+        assert pushes.start(1, (ForwardTarget(other, "s", 2, 5.0),), 1, outputs, "none")
+        await asyncio.sleep(0.01)
+        assert (peer.streams, peer.sent) == (2, [1, 2])  # target step numbers, each on its own stream
+        pushes.close()
+        assert await asyncio.wait_for(pushes.failed.get(), 5) == 1  # the session ended: moot, but not lost
+        assert not pushes.unsettled
+
+    _run(run())
+
+
+def test_the_emulated_delay_between_peers_holds_each_push_back_without_adding_up() -> None:
+    """Benchmarks only (`--peer-latency-ms`): 5 steps pushed back to back each arrive half the round trip late, as
+    on a network, not one after another's delay."""
+    handler = _handler()
+    handler.added_peer_latency = 0.8  # seconds: each push arrives 0.4 s late
+    inbox = handler.forwarded.open("s")
+    began = time.monotonic()
+    assert _pushed(handler, *(("s", float(step), step) for step in range(1, 6))) == [None] * 5
+    elapsed = time.monotonic() - began
+    assert inbox.qsize() == 5
+    assert 0.4 <= elapsed < 1.2, elapsed  # one after another: 2 s
