@@ -1,24 +1,28 @@
 """A private swarm in real processes: members with the key generate as usual, their peers forwarding steps to each
 other with the swarm's token; a client without it (or with another key) cannot join the DHT, and a process that
-dials a peer directly is refused by every RPC."""
+dials a peer directly is refused by every RPC, a push stream included."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
 import hivemind
 import pytest
 import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils.asyncio import as_aiter
 from transformers import AutoModelForCausalLM
 
-from swarm import AutoDistributedModelForCausalLM
+from swarm import AutoDistributedModelForCausalLM, messages
 from swarm.cli import build_parser
 from swarm.client._sync import run_sync
 from swarm.client.metrics import client_metrics
 from swarm.client.transport import call_forward, call_info
 from swarm.errors import ConfigError, InvalidRequest
-from swarm.protocol import SpanRequest
+from swarm.protocol import RPC_PUSH, ErrorKind, ErrorReply, ForwardedStep, SpanRequest
 from swarm.swarm_key import KeyedP2P, SwarmKey
 from swarm.testing import LOOPBACK, LocalSwarm
 from tests.model_factory import FIRST_ORDINARY_TOKEN, VOCAB_SIZE
@@ -92,8 +96,19 @@ def test_a_peer_refuses_calls_without_the_swarms_token(private_swarm, swarm_key,
             run_sync(call_forward(p2p, peer_id, SpanRequest(*SPANS[0]), torch.zeros(1, 2, 64), timeout=30))
         with pytest.raises(InvalidRequest, match="private swarm"):
             run_sync(call_info(KeyedP2P(p2p, SwarmKey.load(other_key)), peer_id, timeout=30))
+        (refused,) = run_sync(asyncio.wait_for(_pushed_without_a_token(p2p, peer_id), 30))
+        assert refused is not None and refused.kind is ErrorKind.UNAUTHORIZED
         info = run_sync(call_info(KeyedP2P(p2p, SwarmKey.load(swarm_key)), peer_id, timeout=30))
         assert (info.start, info.end) == SPANS[0]  # the same call with the token: answered
         run_sync(p2p.shutdown())
     finally:
         outsider.shutdown()
+
+
+async def _pushed_without_a_token(p2p: P2P, peer_id: str) -> list[ErrorReply | None]:
+    """What a peer answers a push stream whose first step carries no token."""
+    step = messages.request([torch.zeros(1, 1, 64)], ForwardedStep("0" * 32, 0, 0).to_wire())
+    replies = await p2p.iterate_protobuf_handler(
+        PeerID.from_base58(peer_id), RPC_PUSH, as_aiter(step), runtime_pb2.ExpertResponse
+    )
+    return [messages.error_of(messages.unpack_metadata(reply.metadata)) async for reply in replies]
