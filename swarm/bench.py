@@ -5,7 +5,7 @@
 
 Without `--initial-peers` it starts a loopback swarm (a bootstrap node and `--peers` peers splitting the blocks
 evenly), so the figures measure this implementation's overhead, not a network. It reports, as medians over
-`--repeats` runs:
+`--repeats` runs (the local, forwarded and unforwarded generations taken in turns, one run of each per round):
 
   * decode tokens/s of greedy generation through the swarm and locally (`transformers` generate), and the ratio;
     and through the swarm with forwarding between peers off (`ClientConfig.forward_steps`);
@@ -24,8 +24,8 @@ evenly), so the figures measure this implementation's overhead, not a network. I
 `--added-latency-ms` and `--peer-latency-ms` give the loopback peers a network's round trips, with the client
 and between peers (the peers wait them out: each message of an inference session arrives half a round trip with
 the client late, each way, and a pushed step half a round trip between peers late, each without holding up the
-messages behind it). `--device cuda --dtype bfloat16` runs the local
-model, the client's own parts and the loopback peers there.
+messages behind it). `--device cuda --dtype bfloat16` runs the local model, the client's own parts and the
+loopback peers there.
 Plain greedy tokens through the swarm must equal the local model's (else exit code 1); speculative and lossy-wire
 tokens are compared and reported.
 """
@@ -39,9 +39,10 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -215,10 +216,15 @@ def _measure(
             prompt, max_new_tokens=count, do_sample=False, eos_token_id=None, streamer=streamer
         )
 
-    local_timing = time_generate(greedy(local.generate), options.new_tokens, options.repeats)
-    swarm_timing = time_generate(greedy(model.generate), options.new_tokens, options.repeats)
-    with _client_config(model, forward_steps=False):
-        unforwarded = time_generate(greedy(model.generate), options.new_tokens, options.repeats)
+    def unforwarded_generate(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with _client_config(model, forward_steps=False):
+            return model.generate(*args, **kwargs)
+
+    local_timing, swarm_timing, unforwarded = time_generates(
+        [greedy(local.generate), greedy(model.generate), greedy(unforwarded_generate)],
+        options.new_tokens,
+        options.repeats,
+    )
     local_ttft, local_rate = local_timing.ttft_s, local_timing.decode_tokens_per_s
     swarm_ttft, swarm_rate = swarm_timing.ttft_s, swarm_timing.decode_tokens_per_s
     expected = local_timing.output
@@ -350,23 +356,41 @@ def time_generate(
 ) -> GenerationTiming:
     """Medians over `repeats` runs of `generate(new_tokens, streamer)`, after one warm-up run: the time to the
     first token and the decode rate after it, as a caller streaming the tokens sees them."""
+    return time_generates([generate], new_tokens, repeats)[0]
+
+
+def time_generates(
+    generates: Sequence[Callable[[int, BaseStreamer], torch.Tensor]], new_tokens: int, repeats: int
+) -> list[GenerationTiming]:
+    """`time_generate` of each of `generates`, their runs taken in turns (one run of each per round): a machine
+    whose speed drifts during the bench then weighs on every figure alike, not on whichever ran in its slow
+    spell (this one's local decode rate has differed by 15% between runs)."""
     if new_tokens < 2:
         raise ValueError("a decode rate needs at least 2 new tokens")
-    generate(new_tokens, TokenClock())  # warm-up: allocations, routes, latency probes
-    first, rates, totals, output = [], [], [], None
+    for generate in generates:
+        generate(new_tokens, TokenClock())  # warm-up: allocations, routes, latency probes
+    first: list[list[float]] = [[] for _ in generates]
+    rates: list[list[float]] = [[] for _ in generates]
+    totals: list[list[float]] = [[] for _ in generates]
+    outputs: list[torch.Tensor | None] = [None for _ in generates]
     for _ in range(repeats):
-        clock = TokenClock()
-        output = generate(new_tokens, clock)
-        totals.append(time.perf_counter() - clock.began)
-        times = clock.token_times
-        if len(times) != new_tokens:
-            raise RuntimeError(f"generate streamed {len(times)} tokens, not {new_tokens}")
-        first.append(times[0] - clock.began)
-        rates.append((new_tokens - 1) / max(times[-1] - times[0], 1e-9))
-    assert output is not None
-    return GenerationTiming(
-        new_tokens, statistics.median(first), statistics.median(rates), statistics.median(totals), output
-    )
+        for index, generate in enumerate(generates):
+            clock = TokenClock()
+            outputs[index] = generate(new_tokens, clock)
+            totals[index].append(time.perf_counter() - clock.began)
+            times = clock.token_times
+            if len(times) != new_tokens:
+                raise RuntimeError(f"generate streamed {len(times)} tokens, not {new_tokens}")
+            first[index].append(times[0] - clock.began)
+            rates[index].append((new_tokens - 1) / max(times[-1] - times[0], 1e-9))
+    timings = []
+    for index, output in enumerate(outputs):
+        assert output is not None
+        timings.append(GenerationTiming(
+            new_tokens, statistics.median(first[index]), statistics.median(rates[index]),
+            statistics.median(totals[index]), output,
+        ))  # fmt: skip
+    return timings
 
 
 def _concurrent_tokens_per_second(
