@@ -174,7 +174,7 @@ class _PushStream:
         return bool(self._waiting)
 
     def send(self, step: int, request: runtime_pb2.ExpertRequest, timeout: float) -> None:
-        timer = asyncio.get_running_loop().call_later(timeout, self._check_taken, step)
+        timer = asyncio.get_running_loop().call_later(timeout, self._not_taken_in_time, step)
         self._waiting.append((step, timer))
         self._requests.put_nowait(request)
         self.fresh = False
@@ -182,10 +182,11 @@ class _PushStream:
     def close(self) -> None:
         self._reader.cancel()  # its clean-up ends the stream
 
-    def _check_taken(self, step: int) -> None:
-        if any(waiting == step for waiting, _ in self._waiting):
-            logger.debug("Peer %s did not take forwarded step %d in time", short_id(self._peer_id), step)
-            self.close()
+    def _not_taken_in_time(self, step: int) -> None:
+        """A step's timer, which fires only while the step is unacknowledged: every step that leaves `_waiting` has
+        its timer cancelled."""
+        logger.debug("Peer %s did not take forwarded step %d in time", short_id(self._peer_id), step)
+        self.close()
 
     async def _read(self, p2p: P2P) -> None:
         replies: AsyncIterator[runtime_pb2.ExpertResponse] | None = None

@@ -315,7 +315,7 @@ class BlockHandler:
         # benchmarks only: every message half a round trip late each way, as on a network
         delay = self.added_latency / 2
         replies = _delayed(self._session(_delayed(requests, delay), context), delay)
-        async with contextlib.aclosing(replies):
+        async with contextlib.aclosing(replies):  # a stream broken off ends the session now, not once collected
             async for reply in replies:
                 yield reply
 
@@ -689,18 +689,16 @@ class BlockHandler:
 _NOT_A_MEMBER = ErrorReply(ErrorKind.UNAUTHORIZED, "this peer serves a private swarm; join it with its --swarm-key")
 
 
-async def _delayed(messages_in: AsyncIterator[_Message], seconds: float) -> AsyncIterator[_Message]:
-    """Each message `seconds` after it came, without holding up the ones behind it: a network's delay (benchmarks
-    only). A sleep per message where it is read or written would add the delays of a session's messages up (the
-    chunks of a pipelined prompt, sent back to back, would arrive one delay apart)."""
-    if not seconds:
-        try:
-            async for message in messages_in:
-                yield message
-        finally:  # closed before its end (a stream broken off): the source ends now, not once collected
-            if (aclose := getattr(messages_in, "aclose", None)) is not None:
-                await aclose()
-        return
+def _delayed(messages_in: AsyncIterator[_Message], seconds: float) -> AsyncIterator[_Message]:
+    """Each message `seconds` after it came (benchmarks only, `_delay_line`); with no delay, the messages as they
+    come."""
+    return _delay_line(messages_in, seconds) if seconds else messages_in
+
+
+async def _delay_line(messages_in: AsyncIterator[_Message], seconds: float) -> AsyncIterator[_Message]:
+    """Each message `seconds` after it came, without holding up the ones behind it: a network's delay. A sleep per
+    message where it is read or written would add the delays of a session's messages up (the chunks of a pipelined
+    prompt, sent back to back, would arrive one delay apart)."""
     arrived: asyncio.Queue[tuple[float, _Message] | None] = asyncio.Queue()
 
     async def read() -> None:
