@@ -10,10 +10,15 @@ would leave this peer idle. One or two sessions never wait. A long prompt step r
 `prefill_chunk_tokens`, and decode steps that arrive meanwhile run between its parts: one user's long prompt
 delays the others by one part, not by the whole prompt.
 
-All torch work happens in one executor thread: the event loop keeps serving streams and the DHT while a
-step computes, and steps of different sessions never race on the device. A caller's LoRA adapter and deep
-prompts are hooked onto the blocks for its request, or for each step of its inference session, only
-(swarm/models/lora.py, deep_prompts.py), which this one thread makes safe.
+Torch work runs one job at a time (`BlockRuntime._device`), in one executor thread: the event loop keeps serving
+streams while a step computes, and steps of different sessions never race on the device. A caller's LoRA adapter
+and deep prompts are hooked onto the blocks for its request, or for each step of its inference session, only
+(swarm/models/lora.py, deep_prompts.py), which running one job at a time makes safe. One exception: the decode step
+of the only session decoding here runs on the event loop itself, when the device is free and such a step takes
+less than INLINE_DECODE_MAX_S. Nothing else waits for the loop then, and the step saves two hand-offs between
+threads and computes faster on the thread that just took its message: through 2 peers of a 58M model on 2 CPU
+cores, a token's trip through the blocks took 0.4 to 2.1 ms less than in the executor thread (of 11 to 15 ms), in
+each of 5 pairs of runs taken in turns.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -39,6 +45,7 @@ from swarm.protocol import LoraHeader
 _R = TypeVar("_R")
 
 ACTIVE_DECODER_S = 1.0  # a session that sent a decode step this recently is expected to send the next one soon
+INLINE_DECODE_MAX_S = 0.05  # a lone session's decode step that took longer last time runs in the executor thread
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,7 @@ class BlockRuntime:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.decode_gather_s = decode_gather_s  # longest wait of decode steps for other sessions' (seconds)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-runtime")
+        self._device = threading.Lock()  # held by the thread that runs a job: the executor's, or the loop's
         self._sub_slices: dict[tuple[int, int], BlockSlice] = {}
         # A faulty peer, for tests of the clients' spot checks only: Gaussian noise of this std on every output.
         self.output_noise = output_noise
@@ -156,9 +164,16 @@ class BlockRuntime:
             for pending in waiting:
                 by_span.setdefault(id(pending.span), []).append(pending)
             for group in by_span.values():
+                steps = [(pending.hidden, pending.cache) for pending in group]
                 try:
                     began = time.monotonic()
-                    outputs = await self._run(_decode_together, group[0].span, [(p.hidden, p.cache) for p in group])
+                    if len(waiting) == 1 and self._runs_inline(group[0].cache):
+                        try:  # on the loop: see the module doc
+                            outputs = _decode_together(group[0].span, steps)
+                        finally:
+                            self._device.release()
+                    else:
+                        outputs = await self._run(_decode_together, group[0].span, steps)
                     self.last_decode_batch_s = time.monotonic() - began
                 except Exception as e:
                     for pending in group:
@@ -191,6 +206,14 @@ class BlockRuntime:
             except asyncio.TimeoutError:
                 return
 
+    def _runs_inline(self, cache: DynamicCache) -> bool:
+        """Whether the decode step of the session with `cache` is to run on the event loop; if so, the device is
+        taken for it. Only when no other session decoded here lately, the last decode step was quick, and no job
+        holds the device: while the loop computes, no other job can start (jobs start from the loop)."""
+        recent = time.monotonic() - ACTIVE_DECODER_S
+        alone = all(at <= recent for other, (at, _) in list(self._decoders.items()) if other is not cache)
+        return alone and self.last_decode_batch_s < INLINE_DECODE_MAX_S and self._device.acquire(blocking=False)
+
     def _faulty(self, outputs: torch.Tensor) -> torch.Tensor:
         if not self.output_noise:
             return outputs
@@ -202,7 +225,13 @@ class BlockRuntime:
 
     async def _run(self, fn: Callable[..., _R], *args: object) -> _R:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        return await loop.run_in_executor(self._executor, functools.partial(holding, self._device, fn, *args))
+
+
+def holding(device: threading.Lock, fn: Callable[..., _R], *args: object) -> _R:
+    """`fn(*args)` once no other job holds the device."""
+    with device:
+        return fn(*args)
 
 
 def _inference_step(

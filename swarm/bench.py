@@ -19,7 +19,10 @@ evenly), so the figures measure this implementation's overhead, not a network. I
   * the prefill of a `--long-prompt` prompt pipelined in chunks of `--prefill-chunk` tokens, against sent whole;
     and pipelined with forwarding between peers off;
   * for each wire compression (none, fp16, 8bit): decode tokens/s, the error of the prompt's logits against the
-    local model's, and whether the greedy tokens stay equal.
+    local model's, and whether the greedy tokens stay equal;
+  * for a loopback swarm, the transport's floor (swarm/transport_floor.py): a hidden state's round trip through
+    two `p2pd` daemons with nothing of blockswarm's on either side, and what the decode ratio would be if the
+    swarm's only cost over the local model were the messages of each token's path at that floor.
 
 `--added-latency-ms` and `--peer-latency-ms` give the loopback peers a network's round trips, with the client
 and between peers (the peers wait them out: each message of an inference session arrives half a round trip with
@@ -57,9 +60,11 @@ from swarm.demo import even_spans
 from swarm.models import ModelSource, resolve_dtype
 from swarm.protocol import WIRE_COMPRESSIONS
 from swarm.testing import LocalSwarm
+from swarm.transport_floor import raw_round_trip_seconds
 
 START_TIMEOUT_SECONDS = 180.0
 PROMPT_TOKENS = 16
+FLOOR_ROUND_TRIPS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +133,7 @@ class BenchResult:
     device: str
     dtype: str
     tokens_equal_local: bool
+    transport_floor: TransportFloor | None = None  # loopback swarms only
 
     def table(self) -> str:
         rows = [
@@ -153,6 +159,7 @@ class BenchResult:
             *((f"wire {w.compression}: decode tokens/s", "", f"{w.decode_tokens_per_s:.1f}",
                f"logits max error {w.max_logit_error:.2g}, relative {w.relative_logit_error:.2g}, "
                f"tokens {'equal' if w.tokens_equal_local else 'DIFFER'}") for w in self.wire),
+            *self._floor_rows(),
         ]  # fmt: skip
         header = ("", "local", "swarm", "ratio")
         widths = [max(len(row[i]) for row in (header, *rows)) for i in range(4)]
@@ -161,6 +168,29 @@ class BenchResult:
         ]
         title = f"{self.model} on {self.device} in {self.dtype} through {self.peers}, {self.new_tokens} new tokens"
         return "\n".join([f"{title}, medians", *lines])
+
+    def _floor_rows(self) -> list[tuple[str, str, str, str]]:
+        floor = self.transport_floor
+        if floor is None:
+            return []
+        local_s = 1 / self.local_decode_tokens_per_s
+        added_s = 1 / self.swarm_decode_tokens_per_s - local_s
+        return [
+            ("raw loopback round trip (p2pd alone)", "", f"{floor.round_trip_s * 1000:.2f} ms",
+             f"a token's {floor.messages_per_token} messages: {floor.token_path_s * 1000:.2f} ms "
+             f"of the {added_s * 1000:.2f} ms the swarm adds"),
+            ("  decode ratio with that cost alone", "", "", f"{local_s / (local_s + floor.token_path_s):.2f}x"),
+        ]  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class TransportFloor:
+    """What the messages of a token's path cost at the least (swarm/transport_floor.py)."""
+
+    round_trip_s: float  # a hidden state's median round trip through two loopback daemons, nothing else
+    # a decode token's path with forwarding: client -> first peer -> ... -> last peer -> client
+    messages_per_token: int
+    token_path_s: float  # those messages at half the round trip each, plus the emulated network's delays
 
 
 def run_bench(options: BenchOptions) -> BenchResult:
@@ -189,18 +219,29 @@ def run_bench(options: BenchOptions) -> BenchResult:
                 ],
             ).start()
             initial_peers = tuple(swarm.initial_peers)
+        floor = None if swarm is None else _transport_floor(options, local.config.hidden_size, dtype)
         config = ClientConfig(initial_peers=initial_peers, connect_timeout=START_TIMEOUT_SECONDS, verify_rate=0.0)
         model = AutoDistributedModelForCausalLM.from_pretrained(
             options.model, config=config, dtype=dtype, device=options.device
         )
         try:
             run_sync(model.swarm.wait_blocks_covered(START_TIMEOUT_SECONDS))
-            return _measure(options, local, draft, model, prompt, swarm)
+            return dataclasses.replace(_measure(options, local, draft, model, prompt, swarm), transport_floor=floor)
         finally:
             model.close()
     finally:
         if swarm is not None:
             swarm.close()
+
+
+def _transport_floor(options: BenchOptions, hidden_size: int, dtype: torch.dtype) -> TransportFloor:
+    """The floor of a loopback swarm's messages, measured before its sessions start. A forwarded decode step
+    crosses `peers + 1` messages, each half a round trip at the least; the emulated network adds half its round
+    trip with the client on the first and the last, and half the round trip between peers on each push."""
+    round_trip = asyncio.run(raw_round_trip_seconds(torch.zeros(1, 1, hidden_size, dtype=dtype), FLOOR_ROUND_TRIPS))
+    messages = options.peers + 1
+    emulated = options.added_latency_ms + (options.peers - 1) * options.peer_latency_ms / 2
+    return TransportFloor(round_trip, messages, messages * round_trip / 2 + emulated / 1000)
 
 
 def _measure(

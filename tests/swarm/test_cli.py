@@ -144,6 +144,9 @@ def test_bench_reports_every_figure_with_tokens_equal_local(tmp_path: Path) -> N
     )  # fmt: skip
     for figure in figures:
         assert result[figure] > 0, figure
+    floor = result["transport_floor"]  # 3 messages a token, delayed 10 / 2 + 4 / 2 + 10 / 2 ms by the emulation
+    assert floor["round_trip_s"] > 0 and floor["messages_per_token"] == 3
+    assert floor["token_path_s"] == pytest.approx(0.012 + 1.5 * floor["round_trip_s"])
     wire = {entry["compression"]: entry for entry in result["wire"]}
     assert set(wire) == {"none", "fp16", "8bit"}
     assert wire["none"]["max_logit_error"] == 0 and wire["none"]["tokens_equal_local"]

@@ -52,12 +52,13 @@ def test_a_decode_step_runs_between_the_parts_of_a_long_prompt(
 ) -> None:
     """The first part holds the device until the other session's decode step is queued; that step must then run
     before the prompt's second part."""
-    decode_queued = threading.Event()
+    part_running, decode_queued = threading.Event(), threading.Event()
     ran: list[str] = []
     part, decode = peer.runtime._inference_step, peer.runtime._decode_together
 
     def first_part_waits(*args: object) -> torch.Tensor:
         if not ran:
+            part_running.set()
             assert decode_queued.wait(timeout=30), "the decode step was never queued"
         ran.append("part")
         return part(*args)  # type: ignore[arg-type]
@@ -71,7 +72,9 @@ def test_a_decode_step_runs_between_the_parts_of_a_long_prompt(
     runtime = BlockRuntime(block_slice, prefill_chunk_tokens=PART_TOKENS)
 
     async def run_noting_decodes(fn: Callable[..., object], *args: object) -> object:
-        job = asyncio.get_running_loop().run_in_executor(runtime._executor, functools.partial(fn, *args))
+        job = asyncio.get_running_loop().run_in_executor(
+            runtime._executor, functools.partial(peer.runtime.holding, runtime._device, fn, *args)
+        )
         if fn is logged_decode:  # queued behind the running part
             decode_queued.set()
         return await job
@@ -82,7 +85,10 @@ def test_a_decode_step_runs_between_the_parts_of_a_long_prompt(
         block_slice(_states(block_slice, 3, seed=1), cache=other_cache, position=0)
 
     async def both() -> None:
-        prompt = runtime.inference_step(block_slice, block_slice.new_cache(), _states(block_slice, PROMPT_TOKENS, 2), 0)
+        prompt = asyncio.ensure_future(
+            runtime.inference_step(block_slice, block_slice.new_cache(), _states(block_slice, PROMPT_TOKENS, 2), 0)
+        )
+        assert await asyncio.to_thread(part_running.wait, 30), "the prompt's first part never ran"
         decode_step = runtime.inference_step(block_slice, other_cache, _states(block_slice, 1, seed=3), 3)
         await asyncio.gather(prompt, decode_step)
 
