@@ -6,25 +6,15 @@ as long as the window, as if the device were slow."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
-import pytest
 import torch
 
 from peer.runtime import BlockRuntime
 from swarm.client._sync import run_sync
-from swarm.models import BlockSlice, ModelSource, load_block_slice
-from tests.model_factory import save_tiny_model
+from swarm.models import BlockSlice
 
 NEVER_S = 600.0  # a gathering window no test may wait out: a step that waited for it would fail its test's timeout
 STEP_TIMEOUT_S = 60.0
-
-
-@pytest.fixture(scope="module")
-def block_slice(tmp_path_factory: pytest.TempPathFactory) -> BlockSlice:
-    path: Path = tmp_path_factory.mktemp("llama")
-    save_tiny_model("llama", path, num_layers=2)
-    return load_block_slice(ModelSource.open(path), 0, 2)
 
 
 def _prefilled_caches(block_slice: BlockSlice, count: int) -> list:

@@ -1,12 +1,11 @@
-"""The decode step of a peer's only decoding session runs on the event loop's own thread (two hand-offs between
-threads fewer); with another session decoding, while a job holds the device, or once such a step was slow, decode
-steps run in the executor thread. Outputs are the same either way."""
+"""A peer's decode batches run on the event loop's own thread (two hand-offs between threads fewer), one session's
+or several; while a job holds the device, with steps of several spans waiting, or once a batch was slow, they run
+in the executor thread. Outputs are the same either way."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,18 +13,10 @@ import torch
 import peer.runtime
 from peer.runtime import INLINE_DECODE_MAX_S, BlockRuntime
 from swarm.client._sync import run_sync
-from swarm.models import BlockSlice, ModelSource, load_block_slice
-from tests.model_factory import save_tiny_model
+from swarm.models import BlockSlice
 
 STEP_TIMEOUT_S = 60.0
 PROMPT_TOKENS = 3
-
-
-@pytest.fixture(scope="module")
-def block_slice(tmp_path_factory: pytest.TempPathFactory) -> BlockSlice:
-    path: Path = tmp_path_factory.mktemp("llama")
-    save_tiny_model("llama", path, num_layers=2)
-    return load_block_slice(ModelSource.open(path), 0, 2)
 
 
 @pytest.fixture
@@ -82,31 +73,49 @@ def test_a_lone_sessions_decode_steps_run_on_the_loop_with_unchanged_outputs(
         torch.testing.assert_close(output, expected, atol=1e-5, rtol=0)
 
 
-def test_decode_steps_run_in_the_executor_beside_another_decoding_session(
+def test_a_batch_of_several_sessions_runs_on_the_loop_with_unchanged_outputs(
     block_slice: BlockSlice, decode_threads: list[str]
 ) -> None:
     runtime = BlockRuntime(block_slice)
-    a, b = _prefilled(block_slice, seed=0), _prefilled(block_slice, seed=1)
-    steps = [_states(block_slice, 1, seed=10 + i) for i in range(2)]
+    caches = [_prefilled(block_slice, seed) for seed in range(3)]
+    step = _states(block_slice, 1, seed=10)
 
-    async def in_turn() -> list[torch.Tensor]:
-        outputs = []
-        for i, s in enumerate(steps):
-            for cache in (a, b):
-                step = runtime.inference_step(block_slice, cache, s, PROMPT_TOKENS + i)
-                outputs.append(await asyncio.wait_for(step, STEP_TIMEOUT_S))
-        return outputs
+    async def together() -> tuple[list[torch.Tensor], str]:
+        steps = [runtime.inference_step(block_slice, cache, step, PROMPT_TOKENS) for cache in caches]
+        return await asyncio.wait_for(asyncio.gather(*steps), STEP_TIMEOUT_S), threading.current_thread().name
 
     try:
-        outputs = run_sync(in_turn())
+        outputs, loop_thread = run_sync(together())
     finally:
         runtime.close()
-    # a's first step was alone; from then on each session sees the other decoding
-    assert decode_threads[0] != decode_threads[1] and set(decode_threads[1:]) == {decode_threads[1]}
-    assert decode_threads[1].startswith("block-runtime")
-    expected_a, expected_b = _expected(block_slice, 0, steps), _expected(block_slice, 1, steps)
-    for output, expected in zip(outputs, [expected_a[0], expected_b[0], expected_a[1], expected_b[1]], strict=True):
-        torch.testing.assert_close(output, expected, atol=1e-5, rtol=0)
+    assert decode_threads == [loop_thread]  # one batch
+    for seed, output in enumerate(outputs):
+        torch.testing.assert_close(output, _expected(block_slice, seed, [step])[0], atol=1e-5, rtol=0)
+
+
+def test_steps_of_different_spans_waiting_together_run_in_the_executor(
+    block_slice: BlockSlice, decode_threads: list[str]
+) -> None:
+    """Two batches in a row on the loop would hold the first one's answers back while the second computes."""
+    runtime = BlockRuntime(block_slice)
+    first_block = runtime.span(0, 1)
+    whole, part = _prefilled(block_slice, seed=0), first_block.new_cache()
+    with torch.inference_mode():
+        first_block(_states(block_slice, PROMPT_TOKENS, seed=1), cache=part, position=0)
+    step = _states(block_slice, 1, seed=10)
+
+    async def together() -> None:
+        steps = [
+            runtime.inference_step(block_slice, whole, step, PROMPT_TOKENS),
+            runtime.inference_step(first_block, part, step, PROMPT_TOKENS),
+        ]
+        await asyncio.wait_for(asyncio.gather(*steps), STEP_TIMEOUT_S)
+
+    try:
+        run_sync(together())
+    finally:
+        runtime.close()
+    assert len(decode_threads) == 2 and all(name.startswith("block-runtime") for name in decode_threads)
 
 
 def test_a_decode_step_waits_for_the_job_that_holds_the_device(

@@ -7,7 +7,6 @@ import asyncio
 import functools
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,18 +14,10 @@ import torch
 import peer.runtime
 from peer.runtime import BlockRuntime
 from swarm.client._sync import run_sync
-from swarm.models import BlockSlice, ModelSource, load_block_slice
-from tests.model_factory import save_tiny_model
+from swarm.models import BlockSlice
 
 PROMPT_TOKENS = 13
 PART_TOKENS = 4  # 13 tokens: parts of 4, 4, 4 and 1
-
-
-@pytest.fixture(scope="module")
-def block_slice(tmp_path_factory: pytest.TempPathFactory) -> BlockSlice:
-    path: Path = tmp_path_factory.mktemp("llama")
-    save_tiny_model("llama", path, num_layers=2)
-    return load_block_slice(ModelSource.open(path), 0, 2)
 
 
 def _states(block_slice: BlockSlice, seq: int, seed: int) -> torch.Tensor:
