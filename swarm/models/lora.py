@@ -74,7 +74,7 @@ def applied_lora(blocks: Sequence[nn.Module], header: LoraHeader, tensors: Seque
 
     The hooks are removed on exit, so the shared weights never change and the next request sees the plain
     blocks. Callers must run the blocks in the same thread and finish before another request runs them (the
-    peer's runtime has one executor thread).
+    peer's runtime runs one job at a time).
     """
     handles = []
     pairs = iter(zip(tensors[0::2], tensors[1::2], strict=True))
