@@ -59,3 +59,28 @@ def test_chat_page_streams_the_reply(gateway: Gateway, local_model: LocalModel, 
     assert f"{expected.completion_tokens} tokens in" in reply["meta"]
     assert reply["health"] == "swarm: all blocks served"
     assert screenshot.stat().st_size > 10_000
+
+
+def test_a_model_list_answered_late_does_not_overwrite_a_later_one(gateway: Gateway, tmp_path: Path) -> None:
+    """The page lists the model on opening, before a key is typed (refused), and again once the key changes; the
+    refusal answered last must not replace the model. The first answer is held back 500 ms to force that order."""
+    with HeadlessChromium(tmp_path / "profile") as browser:
+        browser.load(f"{gateway.url}/")
+        shown = browser.evaluate(
+            """(async () => {
+                const realFetch = window.fetch;
+                let modelLists = 0;
+                window.fetch = (url, options) => {
+                    const answer = realFetch(url, options);
+                    if (!String(url).includes("v1/models") || ++modelLists > 1) return answer;
+                    return answer.then((response) => new Promise((ok) => setTimeout(() => ok(response), 500)));
+                };
+                document.getElementById("api-key").value = "";
+                const refused = loadModel();
+                document.getElementById("api-key").value = KEY;
+                const listed = loadModel();
+                await Promise.all([refused, listed]);
+                return document.getElementById("model").textContent;
+            })()""".replace("KEY", json.dumps(API_KEY))
+        )
+    assert shown == f"model: {MODEL_NAME}"
