@@ -242,6 +242,7 @@ class BlockHandler:
                 return
             if not self._is_member(first, context):
                 yield messages.error_response(_NOT_A_MEMBER)
+                await self._drop_rest(requests)
                 return
             async for response in handler(achain(as_aiter(first), requests), context):
                 yield response
@@ -429,6 +430,7 @@ class BlockHandler:
                     error = e.reply
                 if error is not None:
                     yield messages.error_response(error)
+                    await self._drop_rest(arriving)  # the pushing peer ends its side once refused
                     return
                 yield runtime_pb2.ExpertResponse()
 
