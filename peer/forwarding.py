@@ -192,7 +192,7 @@ class _PushStream:
         replies: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
         try:
             replies = await p2p.iterate_protobuf_handler(
-                PeerID.from_base58(self._peer_id), RPC_PUSH, self._outgoing(), runtime_pb2.ExpertResponse
+                PeerID.from_base58(self._peer_id), RPC_PUSH, messages.queued(self._requests), runtime_pb2.ExpertResponse
             )
             async for reply in replies:
                 if not self._waiting:
@@ -216,10 +216,6 @@ class _PushStream:
             if replies is not None:
                 with contextlib.suppress(Exception):
                     await replies.aclose()
-
-    async def _outgoing(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
-        while (request := await self._requests.get()) is not None:
-            yield request
 
 
 class StepSource:

@@ -40,13 +40,8 @@ async def raw_round_trip_seconds(payload: torch.Tensor, round_trips: int) -> flo
         await server.add_protobuf_handler(ECHO, _echo, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True)
         client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await server.get_visible_maddrs())
         requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
-
-        async def request_stream() -> AsyncIterator[runtime_pb2.ExpertRequest]:
-            while (request := await requests.get()) is not None:
-                yield request
-
         replies = await client.iterate_protobuf_handler(
-            server.peer_id, ECHO, request_stream(), runtime_pb2.ExpertResponse
+            server.peer_id, ECHO, messages.queued(requests), runtime_pb2.ExpertResponse
         )
         seconds = []
         for _ in range(WARM_UP_ROUND_TRIPS + round_trips):

@@ -232,7 +232,10 @@ class InferenceStream:
         with map_p2p_errors(self.peer_id):
             self._replies = await asyncio.wait_for(
                 self.p2p.iterate_protobuf_handler(
-                    PeerID.from_base58(self.peer_id), RPC_INFERENCE, self._request_stream(), runtime_pb2.ExpertResponse
+                    PeerID.from_base58(self.peer_id),
+                    RPC_INFERENCE,
+                    messages.queued(self._requests),
+                    runtime_pb2.ExpertResponse,
                 ),
                 timeout,
             )
@@ -351,10 +354,6 @@ class InferenceStream:
             if not self._reader.done():
                 await self.abort()
         self._replies = None
-
-    async def _request_stream(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
-        while (request := await self._requests.get()) is not None:
-            yield request
 
 
 async def _aiter(items: list[runtime_pb2.ExpertRequest]) -> AsyncIterator[runtime_pb2.ExpertRequest]:
