@@ -22,7 +22,9 @@ evenly), so the figures measure this implementation's overhead, not a network. I
     local model's, and whether the greedy tokens stay equal;
   * for a loopback swarm, the transport's floor (swarm/transport_floor.py): a hidden state's round trip through
     two `p2pd` daemons with nothing of blockswarm's on either side, and what the decode ratio would be if the
-    swarm's only cost over the local model were the messages of each token's path at that floor.
+    swarm's only cost over the local model were the messages of each token's path at that floor;
+  * for a loopback swarm, where a decode token's time goes, locally and through the swarm (swarm/token_time.py):
+    the decoder blocks (each peer's compute), the LM head and the rest, from one more greedy generation of each.
 
 `--added-latency-ms` and `--peer-latency-ms` give the loopback peers a network's round trips, with the client
 and between peers (the peers wait them out: each message of an inference session arrives half a round trip with
@@ -60,6 +62,7 @@ from swarm.demo import even_spans
 from swarm.models import ModelSource, resolve_dtype
 from swarm.protocol import WIRE_COMPRESSIONS
 from swarm.testing import LocalSwarm
+from swarm.token_time import TokenTime, local_token_time, swarm_token_time
 from swarm.transport_floor import raw_round_trip_seconds
 
 START_TIMEOUT_SECONDS = 180.0
@@ -134,6 +137,8 @@ class BenchResult:
     dtype: str
     tokens_equal_local: bool
     transport_floor: TransportFloor | None = None  # loopback swarms only
+    local_token_time: TokenTime | None = None  # loopback swarms only, as the swarm's
+    swarm_token_time: TokenTime | None = None
 
     def table(self) -> str:
         rows = [
@@ -160,6 +165,7 @@ class BenchResult:
                f"logits max error {w.max_logit_error:.2g}, relative {w.relative_logit_error:.2g}, "
                f"tokens {'equal' if w.tokens_equal_local else 'DIFFER'}") for w in self.wire),
             *self._floor_rows(),
+            *self._token_time_rows(),
         ]  # fmt: skip
         header = ("", "local", "swarm", "ratio")
         widths = [max(len(row[i]) for row in (header, *rows)) for i in range(4)]
@@ -181,6 +187,23 @@ class BenchResult:
              f"of the {added_s * 1000:.2f} ms the swarm adds"),
             ("  decode ratio with that cost alone", "", "", f"{local_s / (local_s + floor.token_path_s):.2f}x"),
         ]  # fmt: skip
+
+    def _token_time_rows(self) -> list[tuple[str, str, str, str]]:
+        local, swarm = self.local_token_time, self.swarm_token_time
+        if local is None or swarm is None:
+            return []
+        peers = " + ".join(f"{seconds * 1000:.2f}" for seconds in swarm.peer_blocks_s)
+        return [
+            ("a decode token's time (one more run)", _ms(local.total_s), _ms(swarm.total_s), ""),
+            ("  decoder blocks", _ms(local.blocks_s), _ms(swarm.blocks_s), f"the peers': {peers} ms"),
+            ("  LM head", _ms(local.head_s), _ms(swarm.head_s), ""),
+            ("  the rest", _ms(local.rest_s), _ms(swarm.rest_s),
+             "swarm: the messages, scheduling and Python around them"),
+        ]  # fmt: skip
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +239,7 @@ def run_bench(options: BenchOptions) -> BenchResult:
                     *("--debug-added-latency-ms", str(options.added_latency_ms)),
                     *("--debug-added-peer-latency-ms", str(options.peer_latency_ms)),
                     *("--device", options.device, "--dtype", str(dtype).removeprefix("torch.")),
+                    *("--metrics-port", "0"),  # each peer's compute, for the token's time
                 ],
             ).start()
             initial_peers = tuple(swarm.initial_peers)
@@ -226,7 +250,11 @@ def run_bench(options: BenchOptions) -> BenchResult:
         )
         try:
             run_sync(model.swarm.wait_blocks_covered(START_TIMEOUT_SECONDS))
-            return dataclasses.replace(_measure(options, local, draft, model, prompt, swarm), transport_floor=floor)
+            result = dataclasses.replace(_measure(options, local, draft, model, prompt, swarm), transport_floor=floor)
+            if swarm is None:
+                return result
+            local_time, swarm_time = _token_times(options, local, model, prompt, swarm)
+            return dataclasses.replace(result, local_token_time=local_time, swarm_token_time=swarm_time)
         finally:
             model.close()
     finally:
@@ -242,6 +270,26 @@ def _transport_floor(options: BenchOptions, hidden_size: int, dtype: torch.dtype
     messages = options.peers + 1
     emulated = options.added_latency_ms + (options.peers - 1) * options.peer_latency_ms / 2
     return TransportFloor(round_trip, messages, messages * round_trip / 2 + emulated / 1000)
+
+
+def _token_times(
+    options: BenchOptions,
+    local: PreTrainedModel,
+    model: DistributedModelForCausalLM,
+    prompt: torch.Tensor,
+    swarm: LocalSwarm,
+) -> tuple[TokenTime, TokenTime]:
+    """Where a decode token's time goes, locally and through the loopback swarm (whose peers serve the blocks in
+    the order started), each from one more timed greedy generation."""
+
+    def greedy(generator: Callable[..., torch.Tensor]) -> Callable[[], torch.Tensor]:
+        return lambda: generator(prompt, max_new_tokens=options.new_tokens, do_sample=False, eos_token_id=None)
+
+    blocks = getattr(local.base_model, ModelSource.open(options.model).layout.blocks_attr)
+    local_time = local_token_time(blocks, local.get_output_embeddings(), greedy(local.generate))
+    urls = [swarm.metrics_url(peer) for peer in swarm.peers]
+    swarm_time = swarm_token_time(model.client_modules.lm_head, urls, greedy(model.generate))
+    return local_time, swarm_time
 
 
 def _measure(

@@ -18,6 +18,7 @@ LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 INITIAL_PEERS_LINE = r"^--initial-peers (/ip4/127\.0\.0\.1/\S+)$"
 SERVING_LINE = r"Serving blocks (\d+):(\d+)"
 PEER_ID_LINE = r"reachable at: --initial-peers \S+/p2p/(\w+)"
+METRICS_LINE = r"Metrics at (http://127\.0\.0\.1:\d+/metrics)"
 
 
 class LocalSwarm:
@@ -95,6 +96,10 @@ class LocalSwarm:
     def peer_id(self, peer: SwarmProcess) -> str:
         """The full peer id a peer process logged at start."""
         return peer.wait_for_line(PEER_ID_LINE, self.start_timeout).group(1)
+
+    def metrics_url(self, peer: SwarmProcess) -> str:
+        """The URL of a peer's Prometheus metrics, logged at start by a peer given `--metrics-port`."""
+        return peer.wait_for_line(METRICS_LINE, self.start_timeout).group(1)
 
     def process_of(self, peer_id: str) -> SwarmProcess:
         """The peer process with this peer id."""

@@ -16,13 +16,12 @@ pytestmark = pytest.mark.slow
 NUM_BLOCKS = 4
 NEW_TOKENS = 12
 SESSIONS = 6
-METRICS_LINE = r"Metrics at (http://127\.0\.0\.1:\d+/metrics)"
 
 
 def test_concurrent_sessions_get_their_own_tokens_from_batched_steps(make_swarm, connect, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
     model_dir = tiny_model_dir("llama", NUM_BLOCKS)
     local_swarm = make_swarm(model_dir, [(0, 2), (2, NUM_BLOCKS)], peer_args=["--metrics-port", "0"])
-    urls = [peer.wait_for_line(METRICS_LINE, 60).group(1) for peer in local_swarm.peers]
+    urls = [local_swarm.metrics_url(peer) for peer in local_swarm.peers]
     model = connect(model_dir, local_swarm, verify_rate=0.0)
     local = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     generator = torch.Generator().manual_seed(11)

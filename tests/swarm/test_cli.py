@@ -147,6 +147,12 @@ def test_bench_reports_every_figure_with_tokens_equal_local(tmp_path: Path) -> N
     floor = result["transport_floor"]  # 3 messages a token, delayed 10 / 2 + 4 / 2 + 10 / 2 ms by the emulation
     assert floor["round_trip_s"] > 0 and floor["messages_per_token"] == 3
     assert floor["token_path_s"] == pytest.approx(0.012 + 1.5 * floor["round_trip_s"])
+    local_token, swarm_token = result["local_token_time"], result["swarm_token_time"]
+    for token in (local_token, swarm_token):
+        assert token["total_s"] > 0 and token["blocks_s"] > 0 and token["head_s"] > 0
+    assert len(swarm_token["peer_blocks_s"]) == 2 and min(swarm_token["peer_blocks_s"]) > 0  # each peer's compute
+    assert swarm_token["blocks_s"] == pytest.approx(sum(swarm_token["peer_blocks_s"]))
+    assert "decoder blocks" in run.stdout and "the peers':" in run.stdout
     wire = {entry["compression"]: entry for entry in result["wire"]}
     assert set(wire) == {"none", "fp16", "8bit"}
     assert wire["none"]["max_logit_error"] == 0 and wire["none"]["tokens_equal_local"]

@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from swarm.process import SwarmProcess
-from swarm.testing import LOOPBACK, LocalSwarm
+from swarm.testing import LOOPBACK, METRICS_LINE, LocalSwarm
 from tests.model_factory import save_byte_tokenizer
 from tests.prometheus_tools import http_get, promtool, scrape, wait_for
 
@@ -23,7 +23,6 @@ pytestmark = pytest.mark.slow
 EPOCH_LINE = r"^epoch (\d+): loss ([0-9.]+) over"
 STEPS_LINE = r"^epoch \d+: loss [0-9.]+ over (\d+) steps"
 ROUND_LINE = "Beginning optimizer step #"  # hivemind, at INFO: the start of each averaged optimizer step
-METRICS_LINE = r"Metrics at (http://127\.0\.0\.1:\d+/metrics)"
 SAVED_LINE = r"^saved (\S+) at epoch (\d+)$"
 PARAM_ATOL = 1e-6  # uncompressed averaging: trainers that share every round take identical steps (measured 0.0)
 TRAINER_TIMEOUT = 150.0  # seconds for a trainer to start, train and save on 2 busy cores

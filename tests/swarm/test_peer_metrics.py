@@ -14,7 +14,6 @@ from tests.prometheus_tools import http_get, promtool, query, rule_health_errors
 pytestmark = pytest.mark.slow
 
 CACHE_TOKENS = 3000
-METRICS_LINE = r"Metrics at (http://127\.0\.0\.1:\d+/metrics)"
 NEW_TOKENS = 6
 PROMPT_LENGTH = 5
 START_TIMEOUT = 60.0
@@ -27,7 +26,7 @@ def metered(make_swarm, connect, tiny_model_dir) -> dict[str, object]:
     local_swarm = make_swarm(
         model_dir, [(0, 2)], peer_args=["--metrics-port", "0", "--cache-tokens", str(CACHE_TOKENS)]
     )
-    url = local_swarm.peers[0].wait_for_line(METRICS_LINE, START_TIMEOUT).group(1)
+    url = local_swarm.metrics_url(local_swarm.peers[0])
     before = scrape(url)
     distributed = connect(model_dir, local_swarm)
     prompts = torch.randint(

@@ -34,7 +34,6 @@ from tests.prometheus_tools import (
 pytestmark = pytest.mark.slow
 
 MONITOR_LINE = r"Monitor at (http://127\.0\.0\.1:\d+/)"
-METRICS_LINE = r"Metrics at (http://127\.0\.0\.1:\d+/metrics)"
 SPANS = [(0, 2), (0, 2), (2, 4)]  # blocks 0-1 twice, 2-3 once
 TIMEOUT = 60.0
 
@@ -59,7 +58,7 @@ def watched(make_swarm, connect, tiny_model_dir) -> Iterator[Watched]:
     """Three peers, a monitor crawling every second, and one generation by this process (for client metrics)."""
     model_dir = tiny_model_dir("llama", 4)
     local_swarm = make_swarm(model_dir, SPANS, peer_args=["--public-name", "watched", "--metrics-port", "0"])
-    peer_metrics_url = local_swarm.peers[0].wait_for_line(METRICS_LINE, TIMEOUT).group(1)
+    peer_metrics_url = local_swarm.metrics_url(local_swarm.peers[0])
     monitor = SwarmProcess(
         [sys.executable, "-m", "monitoring.swarm_monitor", "--initial-peers", *local_swarm.initial_peers,
          "--port", "0", "--period", "1", "--ping-timeout", "2"],

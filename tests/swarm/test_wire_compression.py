@@ -20,7 +20,6 @@ pytestmark = pytest.mark.slow
 NUM_BLOCKS = 4
 PROMPT_TOKENS = 24
 DECODE_STEPS = 8
-METRICS_LINE = r"Metrics at (http://127\.0\.0\.1:\d+/metrics)"
 BYTES_IN = 'blockswarm_network_bytes_total{direction="in"}'
 # relative L2 error of the prompt's logits against the exact session's: measured 4.4e-3 (fp16) and 1.2e-2 (8bit);
 # fp16 alone errs ~1e-4, but the bfloat16 peer's rounding of its inputs turns some of that into bfloat16 steps
@@ -33,7 +32,7 @@ def mixed_swarm(make_swarm, connect, tiny_model_dir):  # type: ignore[no-untyped
     model_dir = tiny_model_dir("llama", NUM_BLOCKS)
     local_swarm = make_swarm(model_dir, [(0, 2)], peer_args=["--metrics-port", "0"])
     local_swarm.add_peer(2, NUM_BLOCKS, "--dtype", "bfloat16")
-    float32_url, bfloat16_url = (peer.wait_for_line(METRICS_LINE, 60).group(1) for peer in local_swarm.peers)
+    float32_url, bfloat16_url = (local_swarm.metrics_url(peer) for peer in local_swarm.peers)
     model = connect(model_dir, local_swarm, verify_rate=0.0)
     return model, local_swarm, float32_url, bfloat16_url
 
