@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
@@ -62,13 +63,18 @@ class _Passes:
 
 @contextlib.contextmanager
 def _timed(first: nn.Module, last: nn.Module) -> Iterator[_Passes]:
-    """Every pass from `first`'s input to `last`'s output, collected while in the block."""
+    """Every pass from `first`'s input to `last`'s output, collected while in the block. On a GPU each hook waits
+    for the work queued before it, so that a pass is timed as computed, not as queued."""
     passes = _Passes()
+    device = next(first.parameters()).device
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda _: None
 
     def began(*_: object) -> None:
+        synchronize(device)
         passes.starts.append(time.perf_counter())
 
     def ended(*_: object) -> None:
+        synchronize(device)
         passes.durations.append(time.perf_counter() - passes.starts[-1])
 
     handles = [first.register_forward_pre_hook(began), last.register_forward_hook(ended)]
