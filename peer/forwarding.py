@@ -16,9 +16,10 @@ where peers are as far from each other as from the client, waiting would cost th
 per span. If a push fails, the peer says so on the client's stream (a message `{"push_failed": step}`, between its
 answers) and the client sends the step itself. A session's pushes to the next span's peer go in order over one
 stream, each acknowledged once taken. Steps are numbered, so one that arrives both ways is run once, and one pushed
-ahead of its turn (an earlier push failed, and the client sends that step itself) waits for it. The answer to a
-forwarded step carries a digest of what it ran on, which the client compares with what the pushing peer
-answered it (swarm/client/session.py).
+ahead of its turn (an earlier push failed, and the client sends that step itself) waits for it. A step pushed
+before the client's opening of its session was read here waits briefly for the opening (`SESSION_OPEN_WAIT_S`):
+the two come over different streams, in either order. The answer to a forwarded step carries a digest of what it
+ran on, which the client compares with what the pushing peer answered it (swarm/client/session.py).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ from swarm.swarm_key import SwarmKey, rpc_token
 logger = logging.getLogger(__name__)
 
 MAX_FORWARDED_WAITING = 16  # forwarded steps a session holds before it runs them (a pipelined prompt's chunks)
+# how long a pushed step waits for its session to open here: the client opens it on a stream of its own, which can
+# be read after the previous span's peer has already computed the session's first step and pushed it
+SESSION_OPEN_WAIT_S = 0.25
 
 
 class ForwardedSteps:
@@ -51,23 +55,47 @@ class ForwardedSteps:
 
     def __init__(self) -> None:
         self._inboxes: dict[str, asyncio.Queue[runtime_pb2.ExpertRequest]] = {}
+        self._awaited: dict[str, list[asyncio.Future[None]]] = {}  # pushes waiting for a session to open, by its id
 
     def open(self, session: str) -> asyncio.Queue[runtime_pb2.ExpertRequest]:
         if session in self._inboxes:
             raise ValueError("another open session has this session id")
         inbox: asyncio.Queue[runtime_pb2.ExpertRequest] = asyncio.Queue()
         self._inboxes[session] = inbox
+        for waiting in self._awaited.pop(session, []):
+            if not waiting.done():
+                waiting.set_result(None)
         return inbox
 
     def close(self, session: str) -> None:
         self._inboxes.pop(session, None)
 
+    async def take_once_open(
+        self, request: runtime_pb2.ExpertRequest, wait: float = SESSION_OPEN_WAIT_S
+    ) -> ErrorReply | None:
+        """`take`, after waiting up to `wait` seconds for the step's session to open if it is not open yet."""
+        step = _forwarded_step(request)
+        if isinstance(step, ErrorReply) or step.session in self._inboxes:
+            return self._take(step, request)
+        opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._awaited.setdefault(step.session, []).append(opened)
+        try:
+            await asyncio.wait([opened], timeout=wait)
+        finally:
+            waiting = self._awaited.get(step.session, [])
+            if opened in waiting:
+                waiting.remove(opened)
+                if not waiting:
+                    del self._awaited[step.session]
+        return self._take(step, request)
+
     def take(self, request: runtime_pb2.ExpertRequest) -> ErrorReply | None:
         """Queue a pushed step for its session; an error reply when it cannot be taken."""
-        try:
-            step = ForwardedStep.from_wire(messages.unpack_metadata(request.metadata))
-        except Exception as e:
-            return ErrorReply(ErrorKind.BAD_REQUEST, f"invalid forwarded step: {e}")
+        return self._take(_forwarded_step(request), request)
+
+    def _take(self, step: ForwardedStep | ErrorReply, request: runtime_pb2.ExpertRequest) -> ErrorReply | None:
+        if isinstance(step, ErrorReply):
+            return step
         inbox = self._inboxes.get(step.session)
         if inbox is None:
             return ErrorReply(ErrorKind.BAD_REQUEST, "no open session takes forwarded steps under this id")
@@ -75,6 +103,13 @@ class ForwardedSteps:
             return ErrorReply(ErrorKind.UNAVAILABLE, "the session has too many forwarded steps waiting")
         inbox.put_nowait(request)
         return None
+
+
+def _forwarded_step(request: runtime_pb2.ExpertRequest) -> ForwardedStep | ErrorReply:
+    try:
+        return ForwardedStep.from_wire(messages.unpack_metadata(request.metadata))
+    except Exception as e:
+        return ErrorReply(ErrorKind.BAD_REQUEST, f"invalid forwarded step: {e}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -425,7 +425,7 @@ class BlockHandler:
             async for request in arriving:
                 try:
                     self._check_size(request.ByteSize(), "a forwarded step")
-                    error = self.forwarded.take(request)
+                    error = await self.forwarded.take_once_open(request)
                 except _Refusal as e:
                     error = e.reply
                 if error is not None:

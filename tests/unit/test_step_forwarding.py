@@ -1,6 +1,7 @@
 """Steps forwarded from peer to peer (peer/forwarding.py), on the handler itself: a forwarded step is answered on
-the client's stream, a step that arrives twice runs once, one that arrives early waits for its turn, pushes
-that name no open session are refused, and a push that a hung peer does not take fails in time.
+the client's stream, a step that arrives twice runs once, one that arrives early waits for its turn, a push that
+comes before its session's opening waits for it, pushes that name no open session are refused, and a push that a
+hung peer does not take fails in time.
 
 The handler runs on a fake one-block runtime that adds 1 to the hidden states (tests/unit/fake_blocks.py), so each
 run of a step shows."""
@@ -188,6 +189,27 @@ def test_a_push_stream_acknowledges_each_step_taken_and_ends_at_a_refusal() -> N
     assert acknowledgements[:2] == [None, None] and inbox.qsize() == 2
     (refused,) = acknowledgements[2:]  # nothing after the refusal: the pushing peer opens a new stream
     assert refused is not None and refused.kind is ErrorKind.BAD_REQUEST and "no open session" in refused.message
+
+
+def test_a_push_that_comes_before_its_session_opens_waits_for_the_opening() -> None:
+    """The client opens the session on a stream of its own, which the peer may read after the previous span's peer
+    has pushed the session's first step: the push waits for the opening (up to SESSION_OPEN_WAIT_S), and is taken;
+    one whose session does not open in that time is refused, and no waiter is left behind."""
+
+    async def run() -> None:
+        handler = _handler()
+        pushed = messages.request([torch.full((1, 1, HIDDEN), 1.0)], ForwardedStep("late", 0, 0).to_wire())
+        taking = asyncio.ensure_future(handler.forwarded.take_once_open(pushed, wait=5.0))
+        await asyncio.sleep(0.05)
+        assert not taking.done()  # waiting for the opening
+        inbox = handler.forwarded.open("late")
+        assert await taking is None and inbox.get_nowait() is pushed
+        never = messages.request([torch.full((1, 1, HIDDEN), 1.0)], ForwardedStep("never", 0, 0).to_wire())
+        refused = await handler.forwarded.take_once_open(never, wait=0.05)
+        assert refused is not None and "no open session" in refused.message
+        assert not handler.forwarded._awaited
+
+    _run(run())
 
 
 def test_pushes_to_no_open_session_are_refused_and_a_step_ahead_of_the_session_ends_it() -> None:
