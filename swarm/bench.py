@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -282,14 +283,24 @@ def _token_times(
     """Where a decode token's time goes, locally and through the loopback swarm (whose peers serve the blocks in
     the order started), each from one more timed greedy generation."""
 
-    def greedy(generator: Callable[..., torch.Tensor]) -> Callable[[], torch.Tensor]:
-        return lambda: generator(prompt, max_new_tokens=options.new_tokens, do_sample=False, eos_token_id=None)
+    def once(generator: Callable[..., torch.Tensor]) -> Callable[[], torch.Tensor]:
+        return functools.partial(_greedy(generator, prompt), options.new_tokens, None)
 
     blocks = getattr(local.base_model, ModelSource.open(options.model).layout.blocks_attr)
-    local_time = local_token_time(blocks, local.get_output_embeddings(), greedy(local.generate))
+    local_time = local_token_time(blocks, local.get_output_embeddings(), once(local.generate))
     urls = [swarm.metrics_url(peer) for peer in swarm.peers]
-    swarm_time = swarm_token_time(model.client_modules.lm_head, urls, greedy(model.generate))
+    swarm_time = swarm_token_time(model.client_modules.lm_head, urls, once(model.generate))
     return local_time, swarm_time
+
+
+def _greedy(
+    generator: Callable[..., torch.Tensor], prompt: torch.Tensor
+) -> Callable[[int, BaseStreamer | None], torch.Tensor]:
+    """`generator` (a `generate`) as `time_generate` calls it: greedy from `prompt`, `count` new tokens, with no
+    end-of-sequence token to stop early."""
+    return lambda count, streamer: generator(
+        prompt, max_new_tokens=count, do_sample=False, eos_token_id=None, streamer=streamer
+    )
 
 
 def _measure(
@@ -300,17 +311,12 @@ def _measure(
     prompt: torch.Tensor,
     swarm: LocalSwarm | None,
 ) -> BenchResult:
-    def greedy(generator: Callable[..., torch.Tensor]) -> Callable[[int, BaseStreamer], torch.Tensor]:
-        return lambda count, streamer: generator(
-            prompt, max_new_tokens=count, do_sample=False, eos_token_id=None, streamer=streamer
-        )
-
     def unforwarded_generate(*args: Any, **kwargs: Any) -> torch.Tensor:
         with _client_config(model, forward_steps=False):
             return model.generate(*args, **kwargs)
 
     local_timing, swarm_timing, unforwarded = time_generates(
-        [greedy(local.generate), greedy(model.generate), greedy(unforwarded_generate)],
+        [_greedy(local.generate, prompt), _greedy(model.generate, prompt), _greedy(unforwarded_generate, prompt)],
         options.new_tokens,
         options.repeats,
     )
