@@ -259,12 +259,13 @@ class _PendingDecode:
 
 
 def _decode_together(span: BlockSlice, steps: list[tuple[torch.Tensor, DynamicCache]]) -> list[torch.Tensor]:
+    """Each step's output on the CPU, brought back from the device in one copy."""
     with torch.inference_mode():
-        steps = [(hidden.to(device=span.device, dtype=span.dtype), cache) for hidden, cache in steps]
         if len(steps) == 1:
             ((hidden, cache),) = steps
+            hidden = hidden.to(device=span.device, dtype=span.dtype)
             return [span(hidden, cache=cache, position=cache.get_seq_length()).cpu()]
-        return [output.cpu() for output in span.decode_together(steps)]
+        return list(span.decode_together(steps).cpu().split([hidden.shape[0] for hidden, _ in steps]))
 
 
 def _forward(span: BlockSlice, hidden_states: torch.Tensor, adapters: RequestAdapters | None) -> torch.Tensor:

@@ -19,9 +19,9 @@ from transformers.cache_utils import DynamicLayer
 from swarm.errors import BlockRangeError
 from swarm.models.layout import ModelLayout, slice_config
 
-# A batch of decode steps copies every session's cache once (`_OneStepLayer`): measured on CPU with 8 sessions
-# (examples/benchmark_peer_steps.py), the batch is 3.5x faster than its steps one by one at 32 cached tokens, 2.7x
-# at 128, even at 512 and 2x slower at 2048. Longer caches decode one by one.
+# A batch of decode steps copies every session's cache once (`decode_together`): measured on CPU with 8 sessions
+# (examples/benchmark_peer_steps.py), the batch is 3.4x faster than its steps one by one at 32 cached tokens, 2.7x
+# at 128, 1.6x at 512 and 1.2x slower at 2048. Longer caches decode one by one.
 BATCHED_DECODE_MAX_TOKENS = 256
 
 
@@ -86,9 +86,12 @@ class BlockSlice(nn.Module):
 
     def new_cache(self, max_length: int | None = None) -> DynamicCache:
         """An empty KV cache for one session of this slice, of up to `max_length` tokens per row when given
-        (sliding-window layers keep only their window; the others grow in place, `GrowingLayer`)."""
+        (sliding-window layers keep only their window; the others grow in place, in one `SessionKV`)."""
         cache = DynamicCache(config=self.base_model.config)
-        cache.layers = [GrowingLayer(max_length) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+        growing = [index for index, layer in enumerate(cache.layers) if type(layer) is DynamicLayer]
+        store = SessionKV(len(growing), max_length)
+        for position, index in enumerate(growing):
+            cache.layers[index] = GrowingLayer(max_length, store, position)
         return cache
 
     @staticmethod
@@ -111,45 +114,55 @@ class BlockSlice(nn.Module):
     @staticmethod
     def can_decode_together(cache: DynamicCache) -> bool:
         """Whether a session's cache can join a batch of decode steps (`decode_together`): only growing layers
-        (sliding-window layers keep windows of their own), and at most BATCHED_DECODE_MAX_TOKENS of them."""
+        that share one `SessionKV` (sliding-window layers keep windows of their own), and at most
+        BATCHED_DECODE_MAX_TOKENS of them."""
         length = cache.get_seq_length()
-        return 0 < length <= BATCHED_DECODE_MAX_TOKENS and all(type(layer) is GrowingLayer for layer in cache.layers)
+        first = cache.layers[0]
+        return (
+            0 < length <= BATCHED_DECODE_MAX_TOKENS
+            and type(first) is GrowingLayer
+            and all(type(layer) is GrowingLayer and layer.store is first.store for layer in cache.layers)
+        )
 
-    def decode_together(self, steps: list[tuple[torch.Tensor, DynamicCache]]) -> list[torch.Tensor]:
-        """One decode token per row for several sessions in one forward pass: the outputs of each (hidden states
-        [rows, 1, hidden] and its cache) are those of running it alone, up to float rounding, and each cache gets
-        its new keys and values.
+    def decode_together(self, steps: list[tuple[torch.Tensor, DynamicCache]]) -> torch.Tensor:
+        """One decode token per row for several sessions in one forward pass: each session's hidden states
+        [rows, 1, hidden] (on any device) and its cache. Returns the outputs of all rows, session after session,
+        on the slice's device: each session's are those of running it alone, up to float rounding, and each
+        cache gets its new keys and values.
 
-        The sessions' caches differ in length: they are left-padded to the longest in a batched cache, the
-        padding masked out, and every row gets its own position. The weights are read once for all sessions,
-        which is what makes a batch cheaper than its steps one by one."""
+        The sessions' caches are gathered into one, each session's cache in one copy, padded on the right to the
+        longest and masked; every row's new token goes in the last column, with its own position. The weights are
+        read once for all sessions, which is what makes a batch cheaper than its steps one by one."""
+        stores: list[SessionKV] = [cache.layers[0].store for _, cache in steps]
         lengths = [cache.get_seq_length() for _, cache in steps]
-        longest = max(lengths)
         rows = [hidden.shape[0] for hidden, _ in steps]
-        device = steps[0][0].device
+        longest = max(lengths)
+        for store in stores:
+            store.reserve(longest + 1)  # past a shorter session's max_length too: only within the batch limit
+        keys = torch.cat([store.keys[..., : longest + 1, :] for store in stores], dim=1)  # type: ignore[index]
+        values = torch.cat([store.values[..., : longest + 1, :] for store in stores], dim=1)  # type: ignore[index]
         batched = DynamicCache(config=self.base_model.config)
         batched.layers = [
-            _OneStepLayer([cache.layers[index] for _, cache in steps], lengths)
-            for index in range(len(steps[0][1].layers))
+            _StepLayer(layer_keys, layer_values) for layer_keys, layer_values in zip(keys, values, strict=True)
         ]
-        mask = torch.zeros(sum(rows), longest + 1, dtype=torch.long, device=device)
-        positions = torch.empty(sum(rows), 1, dtype=torch.long, device=device)
-        row = 0
-        for count, length in zip(rows, lengths, strict=True):
-            mask[row : row + count, longest - length :] = 1
-            positions[row : row + count] = length
-            row += count
+        row_lengths = torch.tensor(lengths).repeat_interleave(torch.tensor(rows))
+        mask = None
+        if min(lengths) < longest:  # row i holds tokens [0, its length) and the step's token in the last column
+            columns = torch.arange(longest + 1)
+            mask = ((columns < row_lengths[:, None]) | (columns == longest)).long().to(self.device)
         kwargs = {self._cache_argument: batched}
         if self._takes_position_ids:
-            kwargs["position_ids"] = positions
-        hidden = torch.cat([hidden for hidden, _ in steps])
+            kwargs["position_ids"] = row_lengths[:, None].to(self.device)
+        hidden = torch.cat([hidden for hidden, _ in steps]).to(device=self.device, dtype=self.dtype)
         outputs = self.base_model(inputs_embeds=hidden, attention_mask=mask, use_cache=True, **kwargs).last_hidden_state
         row = 0
-        for count, (_, cache) in zip(rows, steps, strict=True):
-            for index, layer in enumerate(batched.layers):
-                cache.update(layer.keys[row : row + count, :, -1:], layer.values[row : row + count, :, -1:], index)
+        for (_, cache), store, count, length in zip(steps, stores, rows, lengths, strict=True):
+            store.keys[..., length, :].copy_(keys[:, row : row + count, :, longest])  # type: ignore[index]
+            store.values[..., length, :].copy_(values[:, row : row + count, :, longest])  # type: ignore[index]
+            for layer in cache.layers:
+                layer.length = length + 1
             row += count
-        return list(outputs.split(rows))
+        return outputs
 
     def forward(
         self,
@@ -191,78 +204,121 @@ def _share_weights(module: nn.Module) -> nn.Module:
     return clone
 
 
-class GrowingLayer(DynamicLayer):
-    """A full-attention cache layer that appends in place, into a buffer that doubles when full (up to
-    `max_length` tokens), where `DynamicLayer.update` copies the whole cache into a new tensor at every step:
-    most decode steps allocate nothing, and a step's cost no longer grows with the conversation's length."""
+class SessionKV:
+    """The keys and values of one session for all the layers of a slice, in one buffer each: [layers, rows, heads,
+    capacity, head_dim]. It grows for all layers at once, by doubling (up to `max_length` tokens), and starts
+    zeroed, so what lies past a layer's length is always finite: a batch may read it, masked
+    (`BlockSlice.decode_together`). A batch of decode steps then gathers a session's whole cache in one copy and
+    gives its new token back in one, where a buffer per layer took several small operations per layer and session,
+    each a kernel launch on a GPU."""
 
     MIN_CAPACITY = 64
 
-    def __init__(self, max_length: int | None = None):
-        super().__init__()
+    def __init__(self, num_layers: int, max_length: int | None = None):
+        self.num_layers = num_layers
         self.max_length = max_length
-        self._keys: torch.Tensor | None = None
-        self._values: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def holds(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """Whether a layer's states [rows, heads, tokens, head_dim] fit these buffers (the first layer's shapes)."""
+        if self.keys is None or self.values is None:
+            return True
+        return all(
+            states.shape[:2] == buffer.shape[1:3]
+            and states.shape[-1] == buffer.shape[-1]
+            and states.dtype == buffer.dtype
+            and states.device == buffer.device
+            for states, buffer in ((key_states, self.keys), (value_states, self.values))
+        )
+
+    def reserve(self, needed: int, like: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Room for `needed` tokens in every layer: new buffers, shaped as `like` (a layer's key and value states)
+        at first, with what the old ones held."""
+        if needed <= self.capacity:
+            return
+        capacity = max(2 * needed, self.MIN_CAPACITY)
+        if self.max_length is not None:
+            capacity = max(needed, min(capacity, self.max_length))
+        old = (self.keys, self.values)
+        templates = like if self.keys is None or self.values is None else (self.keys[0], self.values[0])
+        assert templates is not None, "the first reservation needs a layer's states"
+        self.keys, self.values = (
+            template.new_zeros(self.num_layers, *template.shape[:2], capacity, template.shape[-1])
+            for template in templates
+        )
+        for buffer, previous in zip((self.keys, self.values), old, strict=True):
+            if previous is not None:
+                buffer[..., : previous.shape[-2], :].copy_(previous)
+
+
+class GrowingLayer(DynamicLayer):
+    """A full-attention cache layer that appends in place, into its row of the session's `SessionKV`, where
+    `DynamicLayer.update` copies the whole cache into a new tensor at every step: most decode steps allocate
+    nothing, and a step's cost no longer grows with the conversation's length. A layer whose states are shaped
+    unlike the session's first layer's keeps a `SessionKV` of its own (such a session decodes alone)."""
+
+    def __init__(self, max_length: int | None = None, store: SessionKV | None = None, index: int = 0):
+        # no DynamicLayer.__init__: it would set `keys` and `values`, which here are views of the store
+        self.store = store if store is not None else SessionKV(1, max_length)
+        self.index = index
+        self.length = 0
+        self.is_initialized = False
+
+    @property  # type: ignore[override]
+    def keys(self) -> torch.Tensor | None:
+        return None if self.store.keys is None else self.store.keys[self.index, :, :, : self.length]
+
+    @property  # type: ignore[override]
+    def values(self) -> torch.Tensor | None:
+        return None if self.store.values is None else self.store.values[self.index, :, :, : self.length]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if not self.store.holds(key_states, value_states):
+            self.store, self.index = SessionKV(1, self.store.max_length), 0
+        self.device, self.is_initialized = key_states.device, True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object):  # type: ignore[override]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        length = self.get_seq_length()
-        needed = length + key_states.shape[-2]
-        if self._keys is None or self._values is None or needed > self._keys.shape[-2]:
-            capacity = max(2 * needed, self.MIN_CAPACITY)
-            if self.max_length is not None:
-                capacity = max(needed, min(capacity, self.max_length))
-            self._keys, self._values = (
-                new.new_empty(*new.shape[:2], capacity, new.shape[-1]) for new in (key_states, value_states)
-            )
-            if length:
-                self._keys[:, :, :length].copy_(self.keys)
-                self._values[:, :, :length].copy_(self.values)
-        self._keys[:, :, length:needed].copy_(key_states)
-        self._values[:, :, length:needed].copy_(value_states)
-        self.keys, self.values = self._keys[:, :, :needed], self._values[:, :, :needed]
+        needed = self.length + key_states.shape[-2]
+        self.store.reserve(needed, (key_states, value_states))
+        assert self.store.keys is not None and self.store.values is not None
+        self.store.keys[self.index, :, :, self.length : needed].copy_(key_states)
+        self.store.values[self.index, :, :, self.length : needed].copy_(value_states)
+        self.length = needed
         return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reset(self) -> None:
+        self.length = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         """Keep all but the last `-tokens_to_remove` tokens (as `DynamicLayer.crop` with a negative count); the
         buffer stays, and the next update writes over what was dropped."""
         if tokens_to_remove > 0:
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
-        if tokens_to_remove == 0 or not self.is_initialized or self._keys is None or self._values is None:
-            return
-        kept = max(self.get_seq_length() + tokens_to_remove, 0)
-        self.keys, self.values = self._keys[:, :, :kept], self._values[:, :, :kept]
+        self.length = max(self.length + tokens_to_remove, 0)
 
 
-class _OneStepLayer(DynamicLayer):
-    """A layer of `decode_together`'s batched cache: the sessions' keys and values left-padded into one buffer with
-    room for the step's token, which `update` writes in place. (Padding and concatenating, then appending with
-    `DynamicLayer.update`, copied every session's whole cache three times per step; with caches of 512 tokens
-    that made a batch of 8 slower than its steps one by one.)"""
+class _StepLayer(DynamicLayer):
+    """A layer of `decode_together`'s batched cache: views of the gathered keys and values [rows, heads,
+    cached + 1, head_dim], whose last column `update` fills with the step's token."""
 
-    def __init__(self, layers: list[DynamicLayer], lengths: list[int]):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         super().__init__()
-        longest = max(lengths)
-        first = layers[0].keys
-        self._keys, self._values = (
-            first.new_empty(sum(layer.keys.shape[0] for layer in layers), first.shape[1], longest + 1, size)
-            for size in (first.shape[-1], layers[0].values.shape[-1])
-        )
-        row = 0
-        for layer, length in zip(layers, lengths, strict=True):
-            count = layer.keys.shape[0]
-            for buffer, cached in ((self._keys, layer.keys), (self._values, layer.values)):
-                buffer[row : row + count, :, : longest - length].zero_()  # masked out, but never garbage (NaN)
-                buffer[row : row + count, :, longest - length : longest].copy_(cached)
-            row += count
-        self.keys, self.values = self._keys[:, :, :longest], self._values[:, :, :longest]
-        self.device, self.is_initialized = first.device, True
+        self._keys, self._values = keys, values
+        self.keys, self.values = keys[:, :, :-1], values[:, :, :-1]
+        self.device, self.is_initialized = keys.device, True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object):  # type: ignore[override]
-        length = self.keys.shape[-2]
-        self._keys[:, :, length : length + key_states.shape[-2]].copy_(key_states)
-        self._values[:, :, length : length + value_states.shape[-2]].copy_(value_states)
-        self.keys = self._keys[:, :, : length + key_states.shape[-2]]
-        self.values = self._values[:, :, : length + value_states.shape[-2]]
+        self._keys[:, :, -1:].copy_(key_states)
+        self._values[:, :, -1:].copy_(value_states)
+        self.keys, self.values = self._keys, self._values
         return self.keys, self.values

@@ -12,7 +12,7 @@ from transformers.cache_utils import DynamicLayer
 
 from swarm.errors import ConfigError
 from swarm.models import BlockSlice, ClientModules, ModelSource, load_block_slice, load_client_modules
-from swarm.models.block_slice import BATCHED_DECODE_MAX_TOKENS, GrowingLayer
+from swarm.models.block_slice import BATCHED_DECODE_MAX_TOKENS, GrowingLayer, SessionKV
 from tests.model_factory import FAMILIES, FIRST_ORDINARY_TOKEN, VOCAB_SIZE, save_tiny_model
 
 ATOL = 1e-4  # float32 logits; the measured difference is ~3e-7
@@ -164,14 +164,23 @@ def test_step_at_a_position_the_cache_does_not_hold_is_refused(saved_model: Call
     assert cache.get_seq_length() == 3  # the refused step left the cache alone
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+# (rows, cached tokens) of each session
+DIFFERENT_LENGTHS = [(1, 3), (2, 6), (1, 1), (1, 5)]
+EQUAL_LENGTHS = [(1, 4), (2, 4), (1, 4)]  # no padding: no mask
+# the last is longer than the others' buffers hold (SessionKV.MIN_CAPACITY): the batch grows theirs
+PAST_CAPACITY = [(1, 2), (1, SessionKV.MIN_CAPACITY + 3), (2, 7)]
+
+
+@pytest.mark.parametrize(
+    ("family", "sessions"),
+    [(family, DIFFERENT_LENGTHS) for family in FAMILIES] + [("llama", EQUAL_LENGTHS), ("llama", PAST_CAPACITY)],
+)
 def test_decode_steps_of_sessions_together_equal_each_alone(
-    saved_model: Callable[..., SavedModel], family: str
+    saved_model: Callable[..., SavedModel], family: str, sessions: list[tuple[int, int]]
 ) -> None:
     _, path = saved_model(family)
     (block_slice,) = load_chain(path, spans=[(1, 4)])[1]
     generator = torch.Generator().manual_seed(3)
-    sessions = [(1, 3), (2, 6), (1, 1), (1, 5)]  # (rows, cached tokens): caches of different lengths
     prompts = [torch.randn(rows, length, block_slice.hidden_size, generator=generator) for rows, length in sessions]
     steps = [torch.randn(rows, 1, block_slice.hidden_size, generator=generator) for rows, _ in sessions]
     with torch.inference_mode():
@@ -187,8 +196,10 @@ def test_decode_steps_of_sessions_together_equal_each_alone(
         if not all(BlockSlice.can_decode_together(cache) for cache in caches):
             assert family in ("qwen2", "mistral")  # sliding-window layers: these sessions decode one by one
             return
-        together += block_slice.decode_together(list(zip(steps, caches, strict=True)))
-        together += block_slice.decode_together([(step * 2, cache) for step, cache in zip(steps, caches, strict=True)])
+        rows = [count for count, _ in sessions]
+        together += block_slice.decode_together(list(zip(steps, caches, strict=True))).split(rows)
+        twice = [(step * 2, cache) for step, cache in zip(steps, caches, strict=True)]
+        together += block_slice.decode_together(twice).split(rows)
     assert [cache.get_seq_length() for cache in caches] == [length + 2 for _, length in sessions]
     expected = alone[0::2] + alone[1::2]
     for ours, theirs in zip(together, expected, strict=True):
@@ -206,9 +217,9 @@ def test_growing_layer_appends_in_place_within_its_cap_and_rewrites_after_a_crop
         for layer in (ours, theirs):
             layer.update(keys, values)
         assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
-        buffers.add(ours._keys.data_ptr())
+        buffers.add(ours.store.keys.data_ptr())
     assert ours.get_seq_length() == 96
-    assert ours._keys.shape[-2] == 100  # doubling stopped at max_length
+    assert ours.store.capacity == 100  # doubling stopped at max_length
     assert len(buffers) == 2  # 64 tokens for the prompt, then 130 capped to 100 for the long step
     ours.crop(-10)
     theirs.crop(-10)
@@ -218,6 +229,28 @@ def test_growing_layer_appends_in_place_within_its_cap_and_rewrites_after_a_crop
     assert (
         ours.get_seq_length() == 88 and torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
     )
+
+
+def test_a_sessions_layers_share_one_store_unless_shaped_differently() -> None:
+    """All layers of a session live in one SessionKV, which grows for all at once; a layer whose states are shaped
+    unlike the first layer's keeps a store of its own."""
+    store = SessionKV(num_layers=3)
+    layers = [GrowingLayer(store=store, index=index) for index in range(3)]
+    generator = torch.Generator().manual_seed(1)
+    for tokens in (5, SessionKV.MIN_CAPACITY):  # the second step grows the buffer of all layers
+        states = [[torch.randn(1, 2, tokens, 4, generator=generator) for _ in range(2)] for _ in layers]
+        for layer, (keys, values) in zip(layers, states, strict=True):
+            layer.update(keys, values)
+        for layer, (keys, values) in zip(layers, states, strict=True):
+            assert torch.equal(layer.keys[..., -tokens:, :], keys)
+            assert torch.equal(layer.values[..., -tokens:, :], values)
+    assert store.keys.shape == (3, 1, 2, 2 * (5 + SessionKV.MIN_CAPACITY), 4)
+    assert all(layer.store is store for layer in layers)
+    assert torch.equal(layers[0].keys[..., :5, :], store.keys[0, ..., :5, :])
+
+    odd = GrowingLayer(store=store, index=0)  # head_dim 8, where the store holds 4
+    odd.update(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8))
+    assert odd.store is not store and odd.get_seq_length() == 1
 
 
 def test_only_short_growing_caches_join_a_batch_of_decode_steps(saved_model: Callable[..., SavedModel]) -> None:
