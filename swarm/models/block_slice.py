@@ -137,10 +137,10 @@ class BlockSlice(nn.Module):
         lengths = [cache.get_seq_length() for _, cache in steps]
         rows = [hidden.shape[0] for hidden, _ in steps]
         longest = max(lengths)
-        for store in stores:
-            store.reserve(longest + 1)  # past a shorter session's max_length too: only within the batch limit
-        keys = torch.cat([store.keys[..., : longest + 1, :] for store in stores], dim=1)  # type: ignore[index]
-        values = torch.cat([store.values[..., : longest + 1, :] for store in stores], dim=1)  # type: ignore[index]
+        for store, length in zip(stores, lengths, strict=True):
+            store.reserve(length + 1)  # room for the token this step gives back
+        keys = torch.cat([_columns(store.keys, longest + 1) for store in stores], dim=1)  # type: ignore[arg-type]
+        values = torch.cat([_columns(store.values, longest + 1) for store in stores], dim=1)  # type: ignore[arg-type]
         batched = DynamicCache(config=self.base_model.config)
         batched.layers = [
             _StepLayer(layer_keys, layer_values) for layer_keys, layer_values in zip(keys, values, strict=True)
@@ -193,6 +193,14 @@ class BlockSlice(nn.Module):
             **kwargs,
         )
         return output.last_hidden_state
+
+
+def _columns(buffer: torch.Tensor, count: int) -> torch.Tensor:
+    """The first `count` token columns of a `SessionKV` buffer, zeros past its capacity: a session shorter than
+    the batch's longest is padded for the batch only, its own buffer left the size it needs."""
+    if buffer.shape[-2] >= count:
+        return buffer[..., :count, :]
+    return nn.functional.pad(buffer, (0, 0, 0, count - buffer.shape[-2]))
 
 
 def _share_weights(module: nn.Module) -> nn.Module:

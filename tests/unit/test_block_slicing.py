@@ -167,7 +167,7 @@ def test_step_at_a_position_the_cache_does_not_hold_is_refused(saved_model: Call
 # (rows, cached tokens) of each session
 DIFFERENT_LENGTHS = [(1, 3), (2, 6), (1, 1), (1, 5)]
 EQUAL_LENGTHS = [(1, 4), (2, 4), (1, 4)]  # no padding: no mask
-# the last is longer than the others' buffers hold (SessionKV.MIN_CAPACITY): the batch grows theirs
+# the second is longer than the others' buffers hold (SessionKV.MIN_CAPACITY): the batch pads theirs
 PAST_CAPACITY = [(1, 2), (1, SessionKV.MIN_CAPACITY + 3), (2, 7)]
 
 
@@ -201,6 +201,9 @@ def test_decode_steps_of_sessions_together_equal_each_alone(
         twice = [(step * 2, cache) for step, cache in zip(steps, caches, strict=True)]
         together += block_slice.decode_together(twice).split(rows)
     assert [cache.get_seq_length() for cache in caches] == [length + 2 for _, length in sessions]
+    # a batch pads a shorter session for itself only: each buffer is still the size its own prompt made it
+    capacities = [cache.layers[0].store.capacity for cache in caches]
+    assert capacities == [max(2 * length, SessionKV.MIN_CAPACITY) for _, length in sessions]
     expected = alone[0::2] + alone[1::2]
     for ours, theirs in zip(together, expected, strict=True):
         torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
@@ -237,16 +240,17 @@ def test_a_sessions_layers_share_one_store_unless_shaped_differently() -> None:
     store = SessionKV(num_layers=3)
     layers = [GrowingLayer(store=store, index=index) for index in range(3)]
     generator = torch.Generator().manual_seed(1)
+    steps = []
     for tokens in (5, SessionKV.MIN_CAPACITY):  # the second step grows the buffer of all layers
         states = [[torch.randn(1, 2, tokens, 4, generator=generator) for _ in range(2)] for _ in layers]
         for layer, (keys, values) in zip(layers, states, strict=True):
             layer.update(keys, values)
-        for layer, (keys, values) in zip(layers, states, strict=True):
-            assert torch.equal(layer.keys[..., -tokens:, :], keys)
-            assert torch.equal(layer.values[..., -tokens:, :], values)
+        steps.append(states)
     assert store.keys.shape == (3, 1, 2, 2 * (5 + SessionKV.MIN_CAPACITY), 4)
     assert all(layer.store is store for layer in layers)
-    assert torch.equal(layers[0].keys[..., :5, :], store.keys[0, ..., :5, :])
+    for index, layer in enumerate(layers):  # both steps' states, the first carried over into the grown buffer
+        keys, values = (torch.cat([states[index][kind] for states in steps], dim=-2) for kind in (0, 1))
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
 
     odd = GrowingLayer(store=store, index=0)  # head_dim 8, where the store holds 4
     odd.update(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8))
