@@ -91,7 +91,7 @@ class BlockSlice(nn.Module):
         growing = [index for index, layer in enumerate(cache.layers) if type(layer) is DynamicLayer]
         store = SessionKV(len(growing), max_length)
         for position, index in enumerate(growing):
-            cache.layers[index] = GrowingLayer(max_length, store, position)
+            cache.layers[index] = GrowingLayer(store=store, index=position)
         return cache
 
     @staticmethod
