@@ -1,0 +1,122 @@
+"""Threads that ask for an LM head's logits at the same time share one pass (`SharedPass`): each gets exactly
+the rows it would get alone, a failing pass fails every caller in it, and callers with autograd run alone."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from torch import nn
+
+from swarm.models.client_modules import ClientModules
+from swarm.models.shared_pass import SharedPass
+
+WAIT_S = 60.0  # longest any test waits for a thread: reached only when the code under test is broken
+HIDDEN = 16
+VOCAB = 50
+
+
+class _GatedFunction:
+    """A row-wise function whose first call blocks until released, so that other callers queue behind it."""
+
+    def __init__(self, shared: SharedPass, queued_before_release: int):
+        self.shared = shared
+        self.queued_before_release = queued_before_release
+        self.rows_per_call: list[int] = []
+        self.weight = torch.randn(HIDDEN, VOCAB, generator=torch.Generator().manual_seed(0))
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        self.rows_per_call.append(rows.shape[0])
+        if len(self.rows_per_call) == 1:
+            _wait_until(lambda: self.shared.calls >= self.queued_before_release)
+        return rows @ self.weight
+
+
+def _wait_until(condition) -> None:  # type: ignore[no-untyped-def]
+    done = threading.Event()
+    for _ in range(int(WAIT_S / 0.01)):
+        if condition():
+            return
+        done.wait(0.01)
+    raise AssertionError("condition not reached")
+
+
+def _without_grad(call, *args):  # type: ignore[no-untyped-def]
+    with torch.no_grad():  # grad mode is per thread
+        return call(*args)
+
+
+def _inputs(seed: int, rows: int = 1) -> torch.Tensor:
+    return torch.randn(1, rows, HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+def test_callers_that_queue_behind_a_pass_share_the_next_and_each_gets_its_own_rows() -> None:
+    shared = SharedPass()
+    function = _GatedFunction(shared, queued_before_release=4)
+    inputs = [_inputs(0), _inputs(1, rows=2), _inputs(2), _inputs(3, rows=3)]
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(_without_grad, shared.run, function, inputs[0])
+        _wait_until(lambda: function.rows_per_call)  # the first pass has started: the others queue behind it
+        others = [pool.submit(_without_grad, shared.run, function, x) for x in inputs[1:]]
+        results = [first.result(WAIT_S)] + [future.result(WAIT_S) for future in others]
+
+    assert function.rows_per_call == [1, 6]  # the three queued callers' rows went through in one pass
+    assert (shared.calls, shared.passes) == (4, 2)
+    for x, result in zip(inputs, results, strict=True):
+        assert result.shape == (1, x.shape[1], VOCAB)
+        torch.testing.assert_close(result, x @ function.weight, rtol=1e-5, atol=1e-5)  # float32
+
+
+def test_a_failing_pass_fails_each_of_its_callers_and_the_next_pass_runs() -> None:
+    shared = SharedPass()
+    gated = _GatedFunction(shared, queued_before_release=3)
+
+    def failing_after_the_first(rows: torch.Tensor) -> torch.Tensor:
+        result = gated(rows)
+        if len(gated.rows_per_call) == 2:
+            raise ValueError("broken head")
+        return result
+
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(_without_grad, shared.run, failing_after_the_first, _inputs(0))
+        _wait_until(lambda: gated.rows_per_call)
+        failing = [pool.submit(_without_grad, shared.run, failing_after_the_first, _inputs(seed)) for seed in (1, 2)]
+        first.result(WAIT_S)
+        for future in failing:
+            with pytest.raises(ValueError, match="broken head"):
+                future.result(WAIT_S)
+        later = _without_grad(shared.run, failing_after_the_first, _inputs(3))
+    torch.testing.assert_close(later, _inputs(3) @ gated.weight)
+    assert gated.rows_per_call == [1, 2, 1]
+
+
+def test_a_caller_with_autograd_runs_alone_and_gets_gradients() -> None:
+    shared = SharedPass()
+    weight = torch.randn(HIDDEN, VOCAB, requires_grad=True)
+    result = shared.run(lambda rows: rows @ weight, _inputs(0))
+    result.sum().backward()
+    assert weight.grad is not None
+    assert (shared.calls, shared.passes) == (0, 0)
+
+
+def test_client_logits_of_concurrent_threads_equal_the_heads_own() -> None:
+    """Through `ClientModules.logits`, on the CPU path that computes several rows as the transposed product."""
+    torch.manual_seed(0)
+    modules = ClientModules(
+        layout=None,  # type: ignore[arg-type]  # logits need no layout
+        embeddings=nn.Embedding(VOCAB, HIDDEN),
+        final_norm=nn.LayerNorm(HIDDEN),
+        lm_head=nn.Linear(HIDDEN, VOCAB, bias=False),
+    ).eval()
+    inputs = [_inputs(seed, rows=1 + seed % 3) for seed in range(12)]
+    with torch.no_grad():
+        expected = [modules.lm_head(modules.final_norm(x)) for x in inputs]
+        together = modules._head(torch.cat([x.reshape(-1, HIDDEN) for x in inputs]))  # the transposed product
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda x: _without_grad(modules.logits, x), inputs))
+    assert together.shape == (sum(x.shape[1] for x in inputs), VOCAB)
+    torch.testing.assert_close(together, torch.cat([e.reshape(-1, VOCAB) for e in expected]))
+    for result, own in zip(results, expected, strict=True):
+        torch.testing.assert_close(result, own)  # float32 defaults: rtol 1.3e-6, atol 1e-5
