@@ -6,9 +6,16 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+import hypothesis  # noqa: F401  # see below
 import pytest
 
 from swarm.demo_model import ensure_demo_model
+
+# hypothesis is imported here, while only the main thread runs. Its pytest plugin would otherwise import it at the
+# end of a run that used none of it, and pytest parses the modules it rewrites with `ast.parse`. In CPython 3.11,
+# the AST converter's depth counter is shared by all threads (python/cpython#106905), and another thread that
+# parses at that moment (formatting a traceback does) made such a run crash in its summary with "AST constructor
+# recursion depth mismatch".
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
