@@ -3,7 +3,6 @@ the rows it would get alone, a failing pass fails every caller in it, and caller
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,8 +11,10 @@ from torch import nn
 
 from swarm.models.client_modules import HEAD_MIN_TRANSPOSED_VOCAB, ClientModules, _transposed_is_faster
 from swarm.models.shared_pass import SharedPass
+from tests.prometheus_tools import wait_for
 
 WAIT_S = 60.0  # longest any test waits for a thread: reached only when the code under test is broken
+POLL_S = 0.01
 HIDDEN = 16
 VOCAB = 50
 
@@ -30,17 +31,8 @@ class _GatedFunction:
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         self.rows_per_call.append(rows.shape[0])
         if len(self.rows_per_call) == 1:
-            _wait_until(lambda: self.shared.calls >= self.queued_before_release)
+            wait_for(lambda: self.shared.calls >= self.queued_before_release, WAIT_S, "callers to queue", POLL_S)
         return rows @ self.weight
-
-
-def _wait_until(condition) -> None:  # type: ignore[no-untyped-def]
-    done = threading.Event()
-    for _ in range(int(WAIT_S / 0.01)):
-        if condition():
-            return
-        done.wait(0.01)
-    raise AssertionError("condition not reached")
 
 
 def _without_grad(call, *args):  # type: ignore[no-untyped-def]
@@ -58,7 +50,7 @@ def test_callers_that_queue_behind_a_pass_share_the_next_and_each_gets_its_own_r
     inputs = [_inputs(0), _inputs(1, rows=2), _inputs(2), _inputs(3, rows=3)]
     with ThreadPoolExecutor(4) as pool:
         first = pool.submit(_without_grad, shared.run, function, inputs[0])
-        _wait_until(lambda: function.rows_per_call)  # the first pass has started: the others queue behind it
+        wait_for(lambda: function.rows_per_call, WAIT_S, "the first pass", POLL_S)  # the others queue behind it
         others = [pool.submit(_without_grad, shared.run, function, x) for x in inputs[1:]]
         results = [first.result(WAIT_S)] + [future.result(WAIT_S) for future in others]
 
@@ -81,7 +73,7 @@ def test_a_failing_pass_fails_each_of_its_callers_and_the_next_pass_runs() -> No
 
     with ThreadPoolExecutor(3) as pool:
         first = pool.submit(_without_grad, shared.run, failing_after_the_first, _inputs(0))
-        _wait_until(lambda: gated.rows_per_call)
+        wait_for(lambda: gated.rows_per_call, WAIT_S, "the first pass", POLL_S)
         failing = [pool.submit(_without_grad, shared.run, failing_after_the_first, _inputs(seed)) for seed in (1, 2)]
         first.result(WAIT_S)
         for future in failing:
