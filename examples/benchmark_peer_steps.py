@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from swarm.models import BlockSlice, ModelSource, load_block_slice
 
-CACHE_LENGTHS = (32, 128, 512, 2048)
+CACHE_LENGTHS = (32, 128, 512, 1024, 2048)
 
 
 def median_ms(step: Callable[[], object], repeats: int = 30) -> float:

@@ -20,9 +20,9 @@ from swarm.errors import BlockRangeError
 from swarm.models.layout import ModelLayout, slice_config
 
 # A batch of decode steps copies every session's cache once (`decode_together`): measured on CPU with 8 sessions
-# (examples/benchmark_peer_steps.py), the batch is 3.4x faster than its steps one by one at 32 cached tokens, 2.7x
-# at 128, 1.6x at 512 and 1.2x slower at 2048. Longer caches decode one by one.
-BATCHED_DECODE_MAX_TOKENS = 256
+# (examples/benchmark_peer_steps.py, 58M Llama, blocks 0:4, one thread), the batch is 1.4x faster than its steps one
+# by one at 1024 cached tokens, 0.9x at 1536 and 0.6x to 0.8x at 2048. Longer caches decode one by one.
+BATCHED_DECODE_MAX_TOKENS = 1024
 
 
 class ZeroPositionEmbedding(nn.Module):

@@ -169,11 +169,14 @@ DIFFERENT_LENGTHS = [(1, 3), (2, 6), (1, 1), (1, 5)]
 EQUAL_LENGTHS = [(1, 4), (2, 4), (1, 4)]  # no padding: no mask
 # the second is longer than the others' buffers hold (SessionKV.MIN_CAPACITY): the batch pads theirs
 PAST_CAPACITY = [(1, 2), (1, SessionKV.MIN_CAPACITY + 3), (2, 7)]
+# long conversations, the longest at the limit of what joins a batch: a wide padded mask
+LONG_CACHES = [(1, 40), (1, BATCHED_DECODE_MAX_TOKENS), (2, 300)]
 
 
 @pytest.mark.parametrize(
     ("family", "sessions"),
-    [(family, DIFFERENT_LENGTHS) for family in FAMILIES] + [("llama", EQUAL_LENGTHS), ("llama", PAST_CAPACITY)],
+    [(family, DIFFERENT_LENGTHS) for family in FAMILIES]
+    + [("llama", sessions) for sessions in (EQUAL_LENGTHS, PAST_CAPACITY, LONG_CACHES)],
 )
 def test_decode_steps_of_sessions_together_equal_each_alone(
     saved_model: Callable[..., SavedModel], family: str, sessions: list[tuple[int, int]]
