@@ -1,5 +1,6 @@
 """A peer's own decode cost, without the network: one session's decode step at several cache lengths, and a batch
-of concurrent sessions' steps (`BlockSlice.decode_together`) against the same steps one by one.
+of concurrent sessions' steps (`BlockSlice.decode_together`), attending per session where the slice does and with
+the sessions' caches gathered into one, against the same steps one by one.
 
     .venv/bin/python examples/benchmark_peer_steps.py [MODEL] [--blocks 0:4] [--sessions 8] [--threads 1]
 
@@ -60,13 +61,18 @@ def main() -> None:
             plain = prefilled(block_slice, DynamicCache(config=block_slice.base_model.config), length)
             caches = [prefilled(block_slice, block_slice.new_cache(4096), length + i) for i in range(args.sessions)]
             together = median_ms(functools.partial(decode_batched, block_slice, caches))
+            per_session, block_slice._per_session_attention = block_slice._per_session_attention, False
+            gathered = median_ms(functools.partial(decode_batched, block_slice, caches))
+            block_slice._per_session_attention = per_session
             alone = median_ms(functools.partial(decode_each, block_slice, caches))
             ours = median_ms(functools.partial(decode_each, block_slice, [growing]))
             theirs = median_ms(functools.partial(decode_each, block_slice, [plain]))
+            way = "attending per session" if block_slice.attends_per_session else "gathered"
             print(
                 f"{length:5d} cached tokens: one step {ours:.2f} ms (transformers' DynamicCache {theirs:.2f} ms); "
-                f"{args.sessions} sessions batched {together:.2f} ms, one by one {alone:.2f} ms "
-                f"({alone / together:.2f}x)"
+                f"{args.sessions} sessions one by one {alone:.2f} ms, batched {way} {together:.2f} ms "
+                f"({alone / together:.2f}x), batched with the caches gathered {gathered:.2f} ms "
+                f"({alone / gathered:.2f}x)"
             )
 
 

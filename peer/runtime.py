@@ -123,7 +123,7 @@ class BlockRuntime:
         """The blocks' output for states that start at `position`, with the session's adapters (already on the
         span's device and dtype) applied. Decode steps of different sessions that wait for the device together
         run as one batch (`_decode_waiting`)."""
-        if adapters is None and hidden_states.shape[1] == 1 and BlockSlice.can_decode_together(cache):
+        if adapters is None and hidden_states.shape[1] == 1 and span.can_decode_together(cache):
             return self._faulty(await self._decode(span, cache, hidden_states))
         self._decoders.pop(cache, None)  # not batched (any more): nobody waits for its steps
         parts = []

@@ -4,6 +4,7 @@
 * layout.py         `ModelLayout`, `probe_layout`: where embeddings, blocks, norm and head live; refuses
                     architectures it cannot place
 * block_slice.py    `BlockSlice`: blocks [start, end) with a per-session KV cache (`new_cache()`)
+* session_attention.py  per-session attention for a batch of decode steps, without gathering the caches
 * client_modules.py `ClientModules`: embeddings before block 0, final norm + LM head after the last block
 * loading.py        `ModelSource.open`, `load_block_slice`, `load_client_modules`: build them from a checkpoint
 * lora.py           LoRA target layers of a block; a peer's per-request check and application of an adapter

@@ -18,11 +18,13 @@ from transformers.cache_utils import DynamicLayer
 
 from swarm.errors import BlockRangeError
 from swarm.models.layout import ModelLayout, slice_config
+from swarm.models.session_attention import SessionsLayer, use_per_session_attention
 
-# A batch of decode steps copies every session's cache once (`decode_together`): measured on CPU with 8 sessions
-# (examples/benchmark_peer_steps.py, 58M Llama, blocks 0:4, one thread), the batch is 1.4x faster than its steps one
-# by one at 1024 cached tokens, 0.9x at 1536 and 0.6x to 0.8x at 2048. Longer caches decode one by one.
-BATCHED_DECODE_MAX_TOKENS = 1024
+# A batch of decode steps that gathers its sessions' caches copies each once (`decode_together` on a GPU, or for
+# families without per-session attention): measured on CPU with 8 sessions (examples/benchmark_peer_steps.py, 58M
+# Llama, blocks 0:4, one thread), the batch is 1.2x to 1.5x faster than its steps one by one at 512 cached tokens,
+# 0.9x to 1.4x at 1024 and 0.6x to 0.8x at 2048. Longer caches decode one by one.
+BATCHED_DECODE_MAX_TOKENS = 512
 
 
 class ZeroPositionEmbedding(nn.Module):
@@ -45,6 +47,7 @@ class BlockSlice(nn.Module):
         self._takes_position_ids = "position_ids" in parameters
         # transformers renamed `past_key_values` to `cache` in 5.24 and warns on the old name
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self._per_session_attention = use_per_session_attention(base_model)
 
     @property
     def config(self):
@@ -111,15 +114,24 @@ class BlockSlice(nn.Module):
         if position < cached:
             cache.crop(position - cached)
 
-    @staticmethod
-    def can_decode_together(cache: DynamicCache) -> bool:
+    @property
+    def attends_per_session(self) -> bool:
+        """Whether a batch of decode steps attends per session, over each session's cache where it lies
+        (`session_attention`), rather than gathering the caches into one: on a CPU, where the gathering copies
+        cost more than the batch saves at long caches (0.66x at 2048 tokens, against 1.9x per session), and for the
+        families that support it. On a GPU a batch gathers: each session's attention would add kernel launches to
+        every layer, where gathering adds one copy per session."""
+        return self._per_session_attention and self.device.type == "cpu"
+
+    def can_decode_together(self, cache: DynamicCache) -> bool:
         """Whether a session's cache can join a batch of decode steps (`decode_together`): only growing layers
-        that share one `SessionKV` (sliding-window layers keep windows of their own), and at most
-        BATCHED_DECODE_MAX_TOKENS of them."""
+        that share one `SessionKV` (sliding-window layers keep windows of their own), and, where the batch gathers
+        the caches, at most BATCHED_DECODE_MAX_TOKENS of them."""
         length = cache.get_seq_length()
         first = cache.layers[0]
         return (
-            0 < length <= BATCHED_DECODE_MAX_TOKENS
+            0 < length
+            and (self.attends_per_session or length <= BATCHED_DECODE_MAX_TOKENS)
             and type(first) is GrowingLayer
             and all(type(layer) is GrowingLayer and layer.store is first.store for layer in cache.layers)
         )
@@ -128,14 +140,27 @@ class BlockSlice(nn.Module):
         """One decode token per row for several sessions in one forward pass: each session's hidden states
         [rows, 1, hidden] (on any device) and its cache. Returns the outputs of all rows, session after session,
         on the slice's device: each session's are those of running it alone, up to float rounding, and each
-        cache gets its new keys and values.
-
-        The sessions' caches are gathered into one, each session's cache in one copy, padded on the right to the
-        longest and masked; every row's new token goes in the last column, with its own position. The weights are
-        read once for all sessions, which is what makes a batch cheaper than its steps one by one."""
-        stores: list[SessionKV] = [cache.layers[0].store for _, cache in steps]
+        cache gets its new keys and values. The weights are read once for all sessions, which is what makes a
+        batch cheaper than its steps one by one."""
         lengths = [cache.get_seq_length() for _, cache in steps]
         rows = [hidden.shape[0] for hidden, _ in steps]
+        hidden = torch.cat([hidden for hidden, _ in steps]).to(device=self.device, dtype=self.dtype)
+        if not self.attends_per_session:
+            return self._decode_gathered([cache for _, cache in steps], hidden, lengths, rows)
+        batched = DynamicCache(config=self.base_model.config)
+        batched.layers = [
+            SessionsLayer([cache.layers[index] for _, cache in steps], tuple(rows), max(lengths))
+            for index in range(len(batched.layers))
+        ]
+        return self._run_batch(hidden, batched, lengths, rows, mask=None)
+
+    def _decode_gathered(
+        self, caches: list[DynamicCache], hidden: torch.Tensor, lengths: list[int], rows: list[int]
+    ) -> torch.Tensor:
+        """`decode_together` through one cache gathered from the sessions', each session's cache in one copy,
+        padded on the right to the longest and masked; every row's new token goes in the last column, with its
+        own position, and back to its session's cache in one copy."""
+        stores: list[SessionKV] = [cache.layers[0].store for cache in caches]
         longest = max(lengths)
         for store, length in zip(stores, lengths, strict=True):
             store.reserve(length + 1)  # room for the token this step gives back
@@ -145,24 +170,35 @@ class BlockSlice(nn.Module):
         batched.layers = [
             _StepLayer(layer_keys, layer_values) for layer_keys, layer_values in zip(keys, values, strict=True)
         ]
-        row_lengths = torch.tensor(lengths).repeat_interleave(torch.tensor(rows))
         mask = None
         if min(lengths) < longest:  # row i holds tokens [0, its length) and the step's token in the last column
+            row_lengths = torch.tensor(lengths).repeat_interleave(torch.tensor(rows))
             columns = torch.arange(longest + 1)
             mask = ((columns < row_lengths[:, None]) | (columns == longest)).long().to(self.device)
-        kwargs = {self._cache_argument: batched}
-        if self._takes_position_ids:
-            kwargs["position_ids"] = row_lengths[:, None].to(self.device)
-        hidden = torch.cat([hidden for hidden, _ in steps]).to(device=self.device, dtype=self.dtype)
-        outputs = self.base_model(inputs_embeds=hidden, attention_mask=mask, use_cache=True, **kwargs).last_hidden_state
+        outputs = self._run_batch(hidden, batched, lengths, rows, mask)
         row = 0
-        for (_, cache), store, count, length in zip(steps, stores, rows, lengths, strict=True):
+        for cache, store, count, length in zip(caches, stores, rows, lengths, strict=True):
             store.keys[..., length, :].copy_(keys[:, row : row + count, :, longest])  # type: ignore[index]
             store.values[..., length, :].copy_(values[:, row : row + count, :, longest])  # type: ignore[index]
             for layer in cache.layers:
                 layer.length = length + 1
             row += count
         return outputs
+
+    def _run_batch(
+        self,
+        hidden: torch.Tensor,
+        batched: DynamicCache,
+        lengths: list[int],
+        rows: list[int],
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """A batch's forward pass: each row's token at its own session's next position."""
+        kwargs = {self._cache_argument: batched}
+        if self._takes_position_ids:
+            row_lengths = torch.tensor(lengths).repeat_interleave(torch.tensor(rows))
+            kwargs["position_ids"] = row_lengths[:, None].to(self.device)
+        return self.base_model(inputs_embeds=hidden, attention_mask=mask, use_cache=True, **kwargs).last_hidden_state
 
     def forward(
         self,

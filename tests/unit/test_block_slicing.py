@@ -13,6 +13,7 @@ from transformers.cache_utils import DynamicLayer
 from swarm.errors import ConfigError
 from swarm.models import BlockSlice, ClientModules, ModelSource, load_block_slice, load_client_modules
 from swarm.models.block_slice import BATCHED_DECODE_MAX_TOKENS, GrowingLayer, SessionKV
+from swarm.models.session_attention import PER_SESSION_FAMILIES
 from tests.model_factory import FAMILIES, FIRST_ORDINARY_TOKEN, VOCAB_SIZE, save_tiny_model
 
 ATOL = 1e-4  # float32 logits; the measured difference is ~3e-7
@@ -169,20 +170,27 @@ DIFFERENT_LENGTHS = [(1, 3), (2, 6), (1, 1), (1, 5)]
 EQUAL_LENGTHS = [(1, 4), (2, 4), (1, 4)]  # no padding: no mask
 # the second is longer than the others' buffers hold (SessionKV.MIN_CAPACITY): the batch pads theirs
 PAST_CAPACITY = [(1, 2), (1, SessionKV.MIN_CAPACITY + 3), (2, 7)]
-# long conversations, the longest at the limit of what joins a batch: a wide padded mask
-LONG_CACHES = [(1, 40), (1, BATCHED_DECODE_MAX_TOKENS), (2, 300)]
+# long conversations: past what joins a gathered batch, and at its limit (a wide padded mask)
+LONG_CACHES = [(1, 40), (1, 2 * BATCHED_DECODE_MAX_TOKENS), (2, 300)]
+GATHERED_LONG_CACHES = [(1, 40), (1, BATCHED_DECODE_MAX_TOKENS), (2, 300)]
 
 
 @pytest.mark.parametrize(
-    ("family", "sessions"),
-    [(family, DIFFERENT_LENGTHS) for family in FAMILIES]
-    + [("llama", sessions) for sessions in (EQUAL_LENGTHS, PAST_CAPACITY, LONG_CACHES)],
+    ("family", "sessions", "per_session"),
+    [(family, DIFFERENT_LENGTHS, True) for family in FAMILIES]
+    + [("llama", sessions, per_session) for sessions in (EQUAL_LENGTHS, PAST_CAPACITY) for per_session in (True, False)]
+    + [("llama", LONG_CACHES, True), ("qwen3", LONG_CACHES, True), ("llama", GATHERED_LONG_CACHES, False)],
 )
 def test_decode_steps_of_sessions_together_equal_each_alone(
-    saved_model: Callable[..., SavedModel], family: str, sessions: list[tuple[int, int]]
+    saved_model: Callable[..., SavedModel], family: str, sessions: list[tuple[int, int]], per_session: bool
 ) -> None:
+    """Both ways a batch attends: per session (on a CPU, for the families that support it) and over the caches
+    gathered into one (`per_session=False` turns the first off; the other families always gather)."""
     _, path = saved_model(family)
     (block_slice,) = load_chain(path, spans=[(1, 4)])[1]
+    if not per_session:
+        block_slice._per_session_attention = False
+    assert block_slice.attends_per_session == (per_session and family in PER_SESSION_FAMILIES)
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randn(rows, length, block_slice.hidden_size, generator=generator) for rows, length in sessions]
     steps = [torch.randn(rows, 1, block_slice.hidden_size, generator=generator) for rows, _ in sessions]
@@ -196,7 +204,7 @@ def test_decode_steps_of_sessions_together_equal_each_alone(
         caches = [block_slice.new_cache() for _ in sessions]
         for prompt, cache in zip(prompts, caches, strict=True):
             block_slice(prompt, cache=cache, position=0)
-        if not all(BlockSlice.can_decode_together(cache) for cache in caches):
+        if not all(block_slice.can_decode_together(cache) for cache in caches):
             assert family in ("qwen2", "mistral")  # sliding-window layers: these sessions decode one by one
             return
         rows = [count for count, _ in sessions]
@@ -260,13 +268,20 @@ def test_a_sessions_layers_share_one_store_unless_shaped_differently() -> None:
     assert odd.store is not store and odd.get_seq_length() == 1
 
 
-def test_only_short_growing_caches_join_a_batch_of_decode_steps(saved_model: Callable[..., SavedModel]) -> None:
-    _, path = saved_model("llama")
+@pytest.mark.parametrize(("family", "per_session"), [("llama", True), ("llama", False), ("gpt2", True)])
+def test_long_caches_join_a_batch_of_decode_steps_only_where_it_attends_per_session(
+    saved_model: Callable[..., SavedModel], family: str, per_session: bool
+) -> None:
+    _, path = saved_model(family)
     (block_slice,) = load_chain(path, spans=[(0, 2)])[1]
+    if not per_session:
+        block_slice._per_session_attention = False
     cache = block_slice.new_cache()
-    assert not BlockSlice.can_decode_together(cache)  # empty: nothing to decode after
+    assert not block_slice.can_decode_together(cache)  # empty: nothing to decode after
     with torch.inference_mode():
         block_slice(torch.randn(1, BATCHED_DECODE_MAX_TOKENS, block_slice.hidden_size), cache=cache, position=0)
-        assert BlockSlice.can_decode_together(cache)
+        assert block_slice.can_decode_together(cache)
         block_slice(torch.randn(1, 1, block_slice.hidden_size), cache=cache, position=BATCHED_DECODE_MAX_TOKENS)
-    assert not BlockSlice.can_decode_together(cache)  # longer: copying it into a batch costs more than it saves
+    # longer: copying it into a gathered batch costs more than the batch saves; attending per session copies nothing
+    assert block_slice.can_decode_together(cache) == block_slice.attends_per_session
+    assert block_slice.attends_per_session == (per_session and family == "llama")
