@@ -21,7 +21,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 PER_SESSION_SDPA = "blockswarm_per_session_sdpa"
 # families whose attention layers hand the cache's keys and values straight to the attention function
-PER_SESSION_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+PER_SESSION_FAMILIES = frozenset({"gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3"})
 
 
 @dataclass(frozen=True, slots=True)
