@@ -170,7 +170,7 @@ DIFFERENT_LENGTHS = [(1, 3), (2, 6), (1, 1), (1, 5)]
 EQUAL_LENGTHS = [(1, 4), (2, 4), (1, 4)]  # no padding: no mask
 # the second is longer than the others' buffers hold (SessionKV.MIN_CAPACITY): the batch pads theirs
 PAST_CAPACITY = [(1, 2), (1, SessionKV.MIN_CAPACITY + 3), (2, 7)]
-# long conversations: past what joins a gathered batch, and at its limit (a wide padded mask)
+# long conversations: per session, past what joins a gathered batch; gathered, at its limit (a wide padded mask)
 LONG_CACHES = [(1, 40), (1, 2 * BATCHED_DECODE_MAX_TOKENS), (2, 300)]
 GATHERED_LONG_CACHES = [(1, 40), (1, BATCHED_DECODE_MAX_TOKENS), (2, 300)]
 
