@@ -144,18 +144,24 @@ class BlockSlice(nn.Module):
         batch cheaper than its steps one by one."""
         lengths = [cache.get_seq_length() for _, cache in steps]
         rows = [hidden.shape[0] for hidden, _ in steps]
+        row_lengths = torch.tensor(lengths).repeat_interleave(torch.tensor(rows))  # each row's cached tokens
         hidden = torch.cat([hidden for hidden, _ in steps]).to(device=self.device, dtype=self.dtype)
         if not self.attends_per_session:
-            return self._decode_gathered([cache for _, cache in steps], hidden, lengths, rows)
+            return self._decode_gathered([cache for _, cache in steps], hidden, lengths, rows, row_lengths)
         batched = DynamicCache(config=self.base_model.config)
         batched.layers = [
             SessionsLayer([cache.layers[index] for _, cache in steps], tuple(rows), max(lengths))
             for index in range(len(batched.layers))
         ]
-        return self._run_batch(hidden, batched, lengths, rows, mask=None)
+        return self._run_batch(hidden, batched, row_lengths, mask=None)
 
     def _decode_gathered(
-        self, caches: list[DynamicCache], hidden: torch.Tensor, lengths: list[int], rows: list[int]
+        self,
+        caches: list[DynamicCache],
+        hidden: torch.Tensor,
+        lengths: list[int],
+        rows: list[int],
+        row_lengths: torch.Tensor,
     ) -> torch.Tensor:
         """`decode_together` through one cache gathered from the sessions', each session's cache in one copy,
         padded on the right to the longest and masked; every row's new token goes in the last column, with its
@@ -172,10 +178,9 @@ class BlockSlice(nn.Module):
         ]
         mask = None
         if min(lengths) < longest:  # row i holds tokens [0, its length) and the step's token in the last column
-            row_lengths = torch.tensor(lengths).repeat_interleave(torch.tensor(rows))
             columns = torch.arange(longest + 1)
             mask = ((columns < row_lengths[:, None]) | (columns == longest)).long().to(self.device)
-        outputs = self._run_batch(hidden, batched, lengths, rows, mask)
+        outputs = self._run_batch(hidden, batched, row_lengths, mask)
         row = 0
         for cache, store, count, length in zip(caches, stores, rows, lengths, strict=True):
             store.keys[..., length, :].copy_(keys[:, row : row + count, :, longest])  # type: ignore[index]
@@ -186,17 +191,11 @@ class BlockSlice(nn.Module):
         return outputs
 
     def _run_batch(
-        self,
-        hidden: torch.Tensor,
-        batched: DynamicCache,
-        lengths: list[int],
-        rows: list[int],
-        mask: torch.Tensor | None,
+        self, hidden: torch.Tensor, batched: DynamicCache, row_lengths: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """A batch's forward pass: each row's token at its own session's next position."""
+        """A batch's forward pass: each row's token at its own session's next position, `row_lengths`."""
         kwargs = {self._cache_argument: batched}
         if self._takes_position_ids:
-            row_lengths = torch.tensor(lengths).repeat_interleave(torch.tensor(rows))
             kwargs["position_ids"] = row_lengths[:, None].to(self.device)
         return self.base_model(inputs_embeds=hidden, attention_mask=mask, use_cache=True, **kwargs).last_hidden_state
 
