@@ -13,7 +13,8 @@ evenly), so the figures measure this implementation's overhead, not a network. I
     and the ratio;
   * aggregate decode tokens/s of `--clients` concurrent sessions, and its ratio to one session; and the same
     for sessions that skip the client's LM head (`headless_session`): on one machine the clients' heads share the
-    cores with the peers, so this tells what the peers themselves serve;
+    cores with the peers, so this tells what the peers themselves serve; and how far the concurrent sessions
+    shared passes, through the client's LM head and each loopback peer's decode forward passes;
   * speculative decoding with `--draft MODEL` (greedy; the local model itself when not given): tokens/s and the
     draft's acceptance rate;
   * the prefill of a `--long-prompt` prompt pipelined in chunks of `--prefill-chunk` tokens, against sent whole;
@@ -32,7 +33,7 @@ the client late, each way, and a pushed step half a round trip between peers lat
 messages behind it). `--device cuda --dtype bfloat16` runs the local model, the client's own parts and the
 loopback peers there.
 Plain greedy tokens through the swarm must equal the local model's (else exit code 1); speculative and lossy-wire
-tokens are compared and reported.
+tokens are compared and reported. The command says on stderr what it measures next, as it goes.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ from swarm.demo import even_spans
 from swarm.models import ModelSource, resolve_dtype
 from swarm.protocol import WIRE_COMPRESSIONS
 from swarm.testing import LocalSwarm
-from swarm.token_time import TokenTime, local_token_time, swarm_token_time
+from swarm.token_time import TokenTime, local_token_time, scraped_histogram, swarm_token_time
 from swarm.transport_floor import raw_round_trip_seconds
 
+DECODE_BATCH_SESSIONS = "blockswarm_decode_batch_sessions"  # a peer's histogram of sessions per decode pass
 START_TIMEOUT_SECONDS = 180.0
 PROMPT_TOKENS = 16
 FLOOR_ROUND_TRIPS = 200
@@ -104,6 +106,38 @@ class WireResult:
 
 
 @dataclass(frozen=True, slots=True)
+class ConcurrentBatching:
+    """How far concurrent sessions shared their work, over the runs of `--clients` sessions with LM heads: where
+    their ratio to one session falls short, this tells whether their steps ran apart."""
+
+    head_callers_per_pass: float  # sessions per pass through the client's LM head (`SharedPass`)
+    peer_sessions_per_pass: tuple[float, ...]  # each loopback peer's sessions per decode forward pass, in order
+
+
+@dataclass(frozen=True, slots=True)
+class _BatchingTotals:
+    head_calls: int
+    head_passes: int
+    peer_batches: tuple[tuple[float, float], ...]  # each peer's (sessions, decode passes) so far
+
+    def since(self, earlier: _BatchingTotals) -> ConcurrentBatching:
+        peers = tuple(
+            (sessions - sessions_before) / max(passes - passes_before, 1)
+            for (sessions, passes), (sessions_before, passes_before) in zip(
+                self.peer_batches, earlier.peer_batches, strict=True
+            )
+        )
+        calls, passes = self.head_calls - earlier.head_calls, self.head_passes - earlier.head_passes
+        return ConcurrentBatching(calls / max(passes, 1), peers)
+
+
+def _batching_totals(model: DistributedModelForCausalLM, metrics_urls: Sequence[str]) -> _BatchingTotals:
+    calls, passes = model.client_modules.head_pass_counts()
+    peers = tuple(scraped_histogram(url, DECODE_BATCH_SESSIONS) for url in metrics_urls)
+    return _BatchingTotals(calls, passes, peers)
+
+
+@dataclass(frozen=True, slots=True)
 class BenchResult:
     model: str
     peers: str  # "loopback swarm of N peers" or the initial peers given
@@ -120,6 +154,7 @@ class BenchResult:
     clients: int
     concurrent_tokens_per_s: float  # all clients together
     concurrency_ratio: float  # / one session's tokens/s
+    concurrent_batching: ConcurrentBatching
     headless_steps_per_s: float  # the same sessions' steps without the clients' LM heads (`headless_session`)
     headless_concurrency_ratio: float  # / one such session's
     speculative_tokens_per_s: float
@@ -153,6 +188,7 @@ class BenchResult:
              f"forwarding: {self.swarm_ttft_s / self.unforwarded_ttft_s:.2f}x"),
             (f"{self.clients} concurrent sessions, tokens/s", "", f"{self.concurrent_tokens_per_s:.1f}",
              f"{self.concurrency_ratio:.2f}x one session"),
+            ("  sessions per pass", "", "", self._batching_note()),
             ("  the same without the LM heads, steps/s", "", f"{self.headless_steps_per_s:.1f}",
              f"{self.headless_concurrency_ratio:.2f}x one session"),
             ("speculative decoding, tokens/s", "", f"{self.speculative_tokens_per_s:.1f}",
@@ -175,6 +211,14 @@ class BenchResult:
         ]
         title = f"{self.model} on {self.device} in {self.dtype} through {self.peers}, {self.new_tokens} new tokens"
         return "\n".join([f"{title}, medians", *lines])
+
+    def _batching_note(self) -> str:
+        batching = self.concurrent_batching
+        note = f"client's LM head {batching.head_callers_per_pass:.1f}"
+        if batching.peer_sessions_per_pass:
+            peers = ", ".join(f"{sessions:.1f}" for sessions in batching.peer_sessions_per_pass)
+            note += f"; peers' decode passes {peers}"
+        return note
 
     def _floor_rows(self) -> list[tuple[str, str, str, str]]:
         floor = self.transport_floor
@@ -217,9 +261,19 @@ class TransportFloor:
     token_path_s: float  # those messages at half the round trip each, plus the emulated network's delays
 
 
-def run_bench(options: BenchOptions) -> BenchResult:
+Progress = Callable[[str], None]  # told what the bench measures next, one line at a time
+
+
+def stderr_progress() -> Progress:
+    """Progress lines on stderr, each with the seconds since the bench began: a bench takes minutes."""
+    began = time.perf_counter()
+    return lambda line: print(f"swarm bench [{time.perf_counter() - began:4.0f} s] {line}", file=sys.stderr, flush=True)
+
+
+def run_bench(options: BenchOptions, progress: Progress = lambda line: None) -> BenchResult:
     torch.set_num_threads(options.num_threads)
     dtype = resolve_dtype(options.dtype, options.device)
+    progress(f"loading {options.model} locally on {options.device}")
     local = AutoModelForCausalLM.from_pretrained(options.model, dtype=dtype).to(options.device).eval()
     draft = local
     if options.draft is not None:
@@ -231,6 +285,7 @@ def run_bench(options: BenchOptions) -> BenchResult:
         initial_peers = options.initial_peers
         if not initial_peers:
             num_blocks = ModelSource.open(options.model).layout.num_blocks
+            progress(f"starting a loopback swarm of {options.peers} peers")
             swarm = LocalSwarm(
                 options.model,
                 even_spans(num_blocks, options.peers),
@@ -244,16 +299,22 @@ def run_bench(options: BenchOptions) -> BenchResult:
                 ],
             ).start()
             initial_peers = tuple(swarm.initial_peers)
-        floor = None if swarm is None else _transport_floor(options, local.config.hidden_size, dtype)
+        floor = None
+        if swarm is not None:
+            progress("timing the transport's floor: a hidden state's round trip through two bare p2pd daemons")
+            floor = _transport_floor(options, local.config.hidden_size, dtype)
+        progress("connecting the client")
         config = ClientConfig(initial_peers=initial_peers, connect_timeout=START_TIMEOUT_SECONDS, verify_rate=0.0)
         model = AutoDistributedModelForCausalLM.from_pretrained(
             options.model, config=config, dtype=dtype, device=options.device
         )
         try:
             run_sync(model.swarm.wait_blocks_covered(START_TIMEOUT_SECONDS))
-            result = dataclasses.replace(_measure(options, local, draft, model, prompt, swarm), transport_floor=floor)
+            result = _measure(options, local, draft, model, prompt, swarm, progress)
+            result = dataclasses.replace(result, transport_floor=floor)
             if swarm is None:
                 return result
+            progress("where a decode token's time goes: one more generation locally and through the swarm")
             local_time, swarm_time = _token_times(options, local, model, prompt, swarm)
             return dataclasses.replace(result, local_token_time=local_time, swarm_token_time=swarm_time)
         finally:
@@ -310,11 +371,16 @@ def _measure(
     model: DistributedModelForCausalLM,
     prompt: torch.Tensor,
     swarm: LocalSwarm | None,
+    progress: Progress,
 ) -> BenchResult:
     def unforwarded_generate(*args: Any, **kwargs: Any) -> torch.Tensor:
         with _client_config(model, forward_steps=False):
             return model.generate(*args, **kwargs)
 
+    progress(
+        f"decode and first token: the local model, the swarm and the swarm without forwarding in turns, "
+        f"{options.repeats} rounds of {options.new_tokens} tokens after a warm-up"
+    )
     local_timing, swarm_timing, unforwarded = time_generates(
         [_greedy(local.generate, prompt), _greedy(model.generate, prompt), _greedy(unforwarded_generate, prompt)],
         options.new_tokens,
@@ -325,10 +391,14 @@ def _measure(
     expected = local_timing.output
     equal = torch.equal(swarm_timing.output, expected) and torch.equal(unforwarded.output, expected)
 
+    progress(f"{options.clients} concurrent sessions and one, with the client's LM heads and without")
+    metrics_urls = [] if swarm is None else [swarm.metrics_url(peer) for peer in swarm.peers]
+    before = _batching_totals(model, metrics_urls)
     concurrent = statistics.median(
         _concurrent_tokens_per_second(model, prompt, options.new_tokens, options.clients)
         for _ in range(options.repeats)
     )
+    batching = _batching_totals(model, metrics_urls).since(before)
     single = statistics.median(
         _concurrent_tokens_per_second(model, prompt, options.new_tokens, 1) for _ in range(options.repeats)
     )
@@ -339,6 +409,7 @@ def _measure(
         )
         for clients in (options.clients, 1)
     )
+    progress(f"speculative decoding, {options.draft_tokens} drafted tokens a round")
     speculative_seconds, acceptance, speculative_equal = [], 0.0, True
     for _ in range(options.repeats):
         began = time.perf_counter()
@@ -352,6 +423,7 @@ def _measure(
     long_prompt = torch.randint(
         3, local.config.vocab_size, (1, options.long_prompt), generator=torch.Generator().manual_seed(1)
     ).to(options.device)
+    progress(f"prefill of {options.long_prompt} tokens: whole, and pipelined in chunks of {options.prefill_chunk}")
     whole = _prefill_seconds(model, long_prompt, 0, options.repeats)
     pipelined = _prefill_seconds(model, long_prompt, options.prefill_chunk, options.repeats)
     with _client_config(model, forward_steps=False):
@@ -359,6 +431,7 @@ def _measure(
     plain_rate = options.new_tokens / swarm_timing.total_s  # whole calls, as the speculative ones are timed
     with torch.no_grad():
         local_logits = local(prompt).logits
+    progress(f"wire compressions: {', '.join(WIRE_COMPRESSIONS)}")
     wire = [
         _wire_result(model, prompt, local_logits, expected, options.repeats, compression)
         for compression in WIRE_COMPRESSIONS
@@ -380,6 +453,7 @@ def _measure(
         clients=options.clients,
         concurrent_tokens_per_s=concurrent,
         concurrency_ratio=concurrent / single,
+        concurrent_batching=batching,
         headless_steps_per_s=headless,
         headless_concurrency_ratio=headless / headless_single,
         speculative_tokens_per_s=speculative_rate,

@@ -332,7 +332,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from swarm.bench import BenchOptions, print_result, run_bench  # imported here: it starts swarms of its own
+    from swarm.bench import BenchOptions, print_result, run_bench, stderr_progress  # it starts swarms of its own
     from swarm.demo_model import ensure_demo_model
 
     options = BenchOptions(
@@ -352,7 +352,7 @@ def run_bench(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
     )
-    return print_result(run_bench(options), Path(args.json) if args.json else None)
+    return print_result(run_bench(options, stderr_progress()), Path(args.json) if args.json else None)
 
 
 def _multiaddr(text: str) -> str:

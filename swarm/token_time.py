@@ -109,17 +109,24 @@ def swarm_token_time(head: nn.Module, metrics_urls: Sequence[str], generate: Cal
 
 def _decode_steps(metrics_url: str) -> tuple[float, int]:
     """A peer's decode steps so far, from its metrics: their total seconds and their number."""
+    seconds, count = scraped_histogram(metrics_url, STEP_DURATION, phase="decode")
+    return seconds, int(count)
+
+
+def scraped_histogram(metrics_url: str, name: str, **labels: str) -> tuple[float, float]:
+    """The sum and the count of a histogram (the series with `labels`) in a peer's metrics; zeros before it
+    has any observation."""
     with urllib.request.urlopen(metrics_url, timeout=SCRAPE_TIMEOUT_SECONDS) as response:
         text = response.read().decode()
-    seconds, count = 0.0, 0
+    total, count = 0.0, 0.0
     for family in text_string_to_metric_families(text):
-        if family.name != STEP_DURATION:
+        if family.name != name:
             continue
         for sample in family.samples:
-            if sample.labels.get("phase") != "decode":
+            if any(sample.labels.get(key) != value for key, value in labels.items()):
                 continue
-            if sample.name == f"{STEP_DURATION}_sum":
-                seconds = sample.value
-            elif sample.name == f"{STEP_DURATION}_count":
-                count = int(sample.value)
-    return seconds, count
+            if sample.name == f"{name}_sum":
+                total = sample.value
+            elif sample.name == f"{name}_count":
+                count = sample.value
+    return total, count

@@ -55,6 +55,11 @@ class ClientModules(nn.Module):
         time (concurrent generations in one process) share a pass through the head (`SharedPass`)."""
         return self._head_pass.run(self._head, hidden_states)
 
+    def head_pass_counts(self) -> tuple[int, int]:
+        """(calls of `logits` that could share a pass, passes run for them) so far: how far concurrent
+        generations in this process shared the head."""
+        return self._head_pass.calls, self._head_pass.passes
+
     def _head(self, hidden_states: torch.Tensor) -> torch.Tensor:
         normed = self.final_norm(hidden_states)
         if _transposed_is_faster(self.lm_head, normed):

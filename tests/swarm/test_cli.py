@@ -153,6 +153,20 @@ def test_bench_reports_every_figure_with_tokens_equal_local(tmp_path: Path) -> N
     assert len(swarm_token["peer_blocks_s"]) == 2 and min(swarm_token["peer_blocks_s"]) > 0  # each peer's compute
     assert swarm_token["blocks_s"] == pytest.approx(sum(swarm_token["peer_blocks_s"]))
     assert "decoder blocks" in run.stdout and "the peers':" in run.stdout
+    batching = result["concurrent_batching"]  # 2 sessions: each pass served one or both
+    assert 1 <= batching["head_callers_per_pass"] <= 2
+    assert len(batching["peer_sessions_per_pass"]) == 2
+    assert all(1 <= sessions <= 2 for sessions in batching["peer_sessions_per_pass"])
+    assert "sessions per pass" in run.stdout
+    phases = (
+        "loading", "starting a loopback swarm of 2 peers", "transport's floor", "connecting the client",
+        "decode and first token", "2 concurrent sessions", "speculative decoding", "prefill of 24 tokens",
+        "wire compressions", "where a decode token's time goes",
+    )  # fmt: skip
+    progress = [line for line in run.stderr.splitlines() if line.startswith("swarm bench [")]
+    assert len(progress) == len(phases), run.stderr
+    for line, phase in zip(progress, phases, strict=True):
+        assert phase in line, (line, phase)
     wire = {entry["compression"]: entry for entry in result["wire"]}
     assert set(wire) == {"none", "fp16", "8bit"}
     assert wire["none"]["max_logit_error"] == 0 and wire["none"]["tokens_equal_local"]
