@@ -33,6 +33,7 @@ from hivemind.dht import DHTNode
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarm.command_line import command_parser
+from swarm.dht import start_shared_memory_manager
 from swarm.errors import ConfigError
 from swarm.logs import setup_logging
 from swarm.signed_records import ServerRecordValidator
@@ -187,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     stop = StopSignal()  # before the DHT starts, so that a signal during start-up still ends in dht.shutdown()
     os.environ.setdefault("LIBP2P_TCP_REUSEPORT", "false")  # inherited by p2pd: a taken port is an error
+    start_shared_memory_manager()  # before hivemind's first inter-process future (swarm/dht.py)
     if config.identity_path is not None and not config.identity_path.exists():
         logger.info("Writing a new identity to %s", config.identity_path)
         config.identity_path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,12 @@ hold SIGINT back while it forks, until it has) and the owner shuts it down with 
 its `p2pd`.
 SIGTERM stays deliverable: hivemind's own hard shutdown of a stuck DHT process relies on it.
 
+hivemind shares memory between its processes through torch's `file_system` strategy, whose first use in a process
+starts a `torch_shm_manager` and waits for it, for about 0.2 s. Until it has a session of its own, that manager is in
+our process group: a Ctrl-C meanwhile killed it, and the waiting share then spun forever at full CPU, with the peers
+its owner had started left running. `start_shared_memory_manager` starts it first, with Ctrl-C and SIGTERM blocked,
+a mask the manager keeps (it exits by itself once the processes it serves are gone).
+
 p2pd binds with SO_REUSEPORT, so two processes on one fixed port would both start and silently split incoming
 connections; `LIBP2P_TCP_REUSEPORT=false` (unless set otherwise) makes the second one fail to start instead.
 """
@@ -20,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import hivemind
+import torch
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
 from swarm.errors import ConfigError
@@ -40,8 +47,10 @@ def start_dht(
     RSA identity key, DER) it signs its own. With `swarm_key` it talks only to members of that private swarm
     (swarm/swarm_key.py)."""
     os.environ.setdefault("LIBP2P_TCP_REUSEPORT", "false")  # read by the p2pd the DHT starts
+    start_shared_memory_manager()
     validators = [ServerRecordValidator(signing_key)]
     authorizer = None if swarm_key is None else SwarmKeyAuthorizer(swarm_key)
+    dht, failure = None, None
     with _ctrl_c_held() as held:
         try:
             dht = hivemind.DHT(
@@ -51,23 +60,52 @@ def start_dht(
                 authorizer=authorizer,
                 **kwargs,
             )
-        except P2PDaemonError as e:
-            raise ConfigError(f"could not join the swarm through --initial-peers {' '.join(initial_peers)}: {e}") from e
-        except RuntimeError as e:
-            if "bootstrap failed" not in str(e):
-                raise
-            hint = (
-                " (is --swarm-key this swarm's key?)"
-                if swarm_key is not None
-                else (" (are they running? a private swarm answers only members: pass its --swarm-key)")
-            )
-            raise ConfigError(
-                f"could not join the swarm: none of --initial-peers {' '.join(initial_peers)} answered{hint}"
-            ) from e
+        except (P2PDaemonError, RuntimeError) as e:
+            failure = e
     if held:  # Ctrl-C came while the DHT started: stop it cleanly, then take the Ctrl-C as it came
-        dht.shutdown()
-        signal.raise_signal(held[0])
+        if dht is not None:
+            dht.shutdown()
+        signal.raise_signal(held[0])  # before any failure: Ctrl-C kills a p2pd that is starting
+    if failure is not None:
+        error = _join_error(failure, initial_peers, swarm_key)
+        if error is failure:
+            raise failure
+        raise error from failure
+    assert dht is not None
     return dht
+
+
+def _join_error(error: Exception, initial_peers: Sequence[str], swarm_key: SwarmKey | None) -> Exception:
+    """What a failed start of the DHT tells the user: a ConfigError when the swarm could not be joined, else the
+    error itself."""
+    if isinstance(error, P2PDaemonError):
+        return ConfigError(f"could not join the swarm through --initial-peers {' '.join(initial_peers)}: {error}")
+    if "bootstrap failed" not in str(error):
+        return error
+    hint = (
+        " (is --swarm-key this swarm's key?)"
+        if swarm_key is not None
+        else " (are they running? a private swarm answers only members: pass its --swarm-key)"
+    )
+    return ConfigError(f"could not join the swarm: none of --initial-peers {' '.join(initial_peers)} answered{hint}")
+
+
+_manager_started_by: int | None = None  # the process that started its shared-memory manager here
+
+
+def start_shared_memory_manager() -> None:
+    """Start this process's `torch_shm_manager`, which hivemind's first inter-process future would start, with
+    SIGINT and SIGTERM blocked so that neither kills it (module doc). The signals are blocked in this thread only
+    while it starts; one that comes meanwhile is delivered once it has."""
+    global _manager_started_by
+    if _manager_started_by == os.getpid() or torch.multiprocessing.get_sharing_strategy() != "file_system":
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        torch.empty(1).share_memory_()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    _manager_started_by = os.getpid()
 
 
 @contextlib.contextmanager

@@ -140,6 +140,74 @@ def test_ctrl_c_while_a_dht_starts_stops_it_then_interrupts(start_bootstrap: Sta
     assert [info for info in running_p2pds() if info.pid not in p2pds_before] == []
 
 
+SHARES_UNTIL_INTERRUPTED = """
+import sys, time
+import torch
+from swarm.dht import start_shared_memory_manager
+torch.multiprocessing.set_sharing_strategy("file_system")  # hivemind's, set when it is imported
+print("sharing", flush=True)
+try:
+    start_shared_memory_manager()
+    torch.empty(1).share_memory_()  # as hivemind's next inter-process future
+    time.sleep(60)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_ctrl_c_while_the_shared_memory_manager_starts_interrupts(attempt: int) -> None:
+    """Ctrl-C reaches the whole process group, torch's shared-memory manager too while it starts, before it makes a
+    session of its own. It used to die there, and the share waiting for it spun forever at full CPU: a client
+    interrupted as it joined the swarm hung (7 of 10 tries with Ctrl-C as soon as the manager appeared). Now the
+    process is interrupted, and its further shares work. Ctrl-C goes out the moment the manager exists."""
+    process = SwarmProcess([sys.executable, "-c", SHARES_UNTIL_INTERRUPTED], env={"OMP_NUM_THREADS": "1"})
+    try:
+        process.wait_for_line("^sharing$", timeout=START_TIMEOUT, stream="stdout")
+        deadline = time.monotonic() + START_TIMEOUT
+        while not any(info.name == "torch_shm_manag" for info in descendants(process.pid)):  # the kernel's 15 chars
+            assert time.monotonic() < deadline and process.returncode is None, process.output()
+        process.signal_group(signal.SIGINT)
+        assert process.wait(STOP_TIMEOUT) == 0, process.output()
+    finally:
+        process.kill()
+    assert process.lines("stdout") == ["sharing", "interrupted"]
+
+
+JOINS_UNTIL_INTERRUPTED = """
+import sys
+from swarm.dht import start_dht
+print("joining", flush=True)
+try:
+    start_dht([sys.argv[1]], host_maddrs=["/ip4/127.0.0.1/tcp/0"]).shutdown()
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+except Exception as e:
+    print(f"failed: {e}", flush=True)
+else:
+    print("joined", flush=True)
+"""
+
+
+def test_ctrl_c_that_kills_a_starting_p2pd_interrupts(start_bootstrap: StartBootstrap) -> None:
+    """Ctrl-C to the group as soon as the joining DHT's p2pd exists: it may kill that p2pd before it is up, and the
+    DHT's start then fails, but the user pressed Ctrl-C: the process is interrupted, not told it could not join."""
+    maddr, _ = wait_for_initial_peer(start_bootstrap())
+    process = SwarmProcess([sys.executable, "-c", JOINS_UNTIL_INTERRUPTED, maddr], env={"OMP_NUM_THREADS": "1"})
+    try:
+        process.wait_for_line("^joining$", timeout=START_TIMEOUT, stream="stdout")
+        deadline, tree = time.monotonic() + START_TIMEOUT, []
+        while not any(info.name == "p2pd" for info in tree):
+            assert time.monotonic() < deadline and process.returncode is None, process.output()
+            tree = descendants(process.pid)
+        process.signal_group(signal.SIGINT)
+        assert process.wait(STOP_TIMEOUT) == 0, process.output()
+    finally:
+        process.kill()
+    assert process.lines("stdout") == ["joining", "interrupted"]
+    assert wait_until_gone(tree, timeout=5.0) == []
+
+
 def press_ctrl_c_once_held(unheld: object) -> None:
     """SIGINT to this process as soon as `start_dht` holds it back, i.e. while it starts the DHT."""
     while signal.getsignal(signal.SIGINT) is unheld:
