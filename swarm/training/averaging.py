@@ -35,8 +35,11 @@ than the one that holds the other trainers' records; a trainer started after the
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import hivemind
@@ -190,20 +193,37 @@ def _hivemind_optimizer(
     delay_state_averaging: bool = True,
 ) -> hivemind.Optimizer:
     codec = averaging_codec(config.compression)
-    return hivemind.Optimizer(
-        dht=dht,
-        run_id=config.run_id,
-        params=params,
-        optimizer=optimizer,
-        target_batch_size=config.target_batch_size,
-        batch_size_per_step=batch_size_per_step,
-        matchmaking_time=config.matchmaking_time,
-        averaging_timeout=config.averaging_timeout,
-        load_state_timeout=config.load_state_timeout,
-        grad_compression=codec,
-        state_averaging_compression=codec,
-        delay_state_averaging=delay_state_averaging,
-        # hivemind warns when request_timeout (default 3 s) exceeds the matchmaking time
-        averager_opts=dict(request_timeout=min(3.0, config.matchmaking_time / 2)),
-        verbose=logger.isEnabledFor(logging.INFO),
-    )
+    with _ctrl_c_kept():
+        return hivemind.Optimizer(
+            dht=dht,
+            run_id=config.run_id,
+            params=params,
+            optimizer=optimizer,
+            target_batch_size=config.target_batch_size,
+            batch_size_per_step=batch_size_per_step,
+            matchmaking_time=config.matchmaking_time,
+            averaging_timeout=config.averaging_timeout,
+            load_state_timeout=config.load_state_timeout,
+            grad_compression=codec,
+            state_averaging_compression=codec,
+            delay_state_averaging=delay_state_averaging,
+            # hivemind warns when request_timeout (default 3 s) exceeds the matchmaking time
+            averager_opts=dict(request_timeout=min(3.0, config.matchmaking_time / 2)),
+            verbose=logger.isEnabledFor(logging.INFO),
+        )
+
+
+@contextlib.contextmanager
+def _ctrl_c_kept() -> Iterator[None]:
+    """Give Ctrl-C back to the trainer once hivemind's averagers have started: each ignores SIGINT in the process
+    that starts it, so that its forked process ignores it too, and never restores it: the trainer then ignored
+    Ctrl-C for good."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers belong to the main thread (hivemind's averagers cannot start elsewhere either)
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

@@ -6,6 +6,7 @@ each stopped by PID.
 from __future__ import annotations
 
 import re
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from swarm.process import SwarmProcess
+from swarm.process import SwarmProcess, descendants
 from swarm.testing import LOOPBACK, METRICS_LINE, LocalSwarm
 from tests.model_factory import save_byte_tokenizer
 from tests.prometheus_tools import http_get, promtool, scrape, wait_for
@@ -183,3 +184,17 @@ def test_local_steps_average_once_per_h_steps_and_end_with_equal_adapters(start_
     differences = {name: float((first[name] - second[name]).abs().max()) for name in first}
     print(f"max |adapter difference| between the trainers: {max(differences.values()):.3g}")
     assert max(differences.values()) <= PARAM_ATOL, differences
+
+
+def test_ctrl_c_stops_a_training_trainer(start_trainer) -> None:  # type: ignore[no-untyped-def]
+    """Ctrl-C (SIGINT to the trainer's whole process group) once it trains: it stops, says so, and its processes
+    end within seconds. hivemind's averagers ignore SIGINT in the process that starts them and never restore it,
+    so a trainer used to train on through Ctrl-C."""
+    trainer = start_trainer("stopped", "run-stopped", 1000)
+    trainer.wait_for_line(_epoch_at_least(1, 1000), TRAINER_TIMEOUT, stream="stdout")
+    started = descendants(trainer.pid)
+    trainer.signal_group(signal.SIGINT)
+    assert trainer.wait(timeout=60) == 130, trainer.output()[-4000:]
+    assert "swarm finetune: interrupted" in trainer.output("stderr")
+    # torch's shared-memory manager leaves once the processes it served are gone
+    wait_for(lambda: not any(info.is_running() for info in started), 10, "the trainer's processes to end")
