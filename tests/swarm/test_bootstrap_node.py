@@ -54,6 +54,17 @@ def wait_for_initial_peer(process: SwarmProcess) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
+def wait_for_descendant(process: SwarmProcess, name: str) -> list[ProcessInfo]:
+    """Polls without a pause (what follows must happen within a start-up's fraction of a second) until a process
+    named `name` runs below `process`; returns the process tree then."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        tree = descendants(process.pid)
+        if any(info.name == name for info in tree):
+            return tree
+        assert time.monotonic() < deadline and process.returncode is None, process.output()
+
+
 def wait_until_gone(processes: list[ProcessInfo], timeout: float) -> list[ProcessInfo]:
     """Waits until none of `processes` runs any more; returns those still running at the deadline."""
     deadline = time.monotonic() + timeout
@@ -164,9 +175,7 @@ def test_ctrl_c_while_the_shared_memory_manager_starts_interrupts(attempt: int) 
     process = SwarmProcess([sys.executable, "-c", SHARES_UNTIL_INTERRUPTED], env={"OMP_NUM_THREADS": "1"})
     try:
         process.wait_for_line("^sharing$", timeout=START_TIMEOUT, stream="stdout")
-        deadline = time.monotonic() + START_TIMEOUT
-        while not any(info.name == "torch_shm_manag" for info in descendants(process.pid)):  # the kernel's 15 chars
-            assert time.monotonic() < deadline and process.returncode is None, process.output()
+        wait_for_descendant(process, "torch_shm_manag")  # the kernel keeps 15 characters of a name
         process.signal_group(signal.SIGINT)
         assert process.wait(STOP_TIMEOUT) == 0, process.output()
     finally:
@@ -196,10 +205,7 @@ def test_ctrl_c_that_kills_a_starting_p2pd_interrupts(start_bootstrap: StartBoot
     process = SwarmProcess([sys.executable, "-c", JOINS_UNTIL_INTERRUPTED, maddr], env={"OMP_NUM_THREADS": "1"})
     try:
         process.wait_for_line("^joining$", timeout=START_TIMEOUT, stream="stdout")
-        deadline, tree = time.monotonic() + START_TIMEOUT, []
-        while not any(info.name == "p2pd" for info in tree):
-            assert time.monotonic() < deadline and process.returncode is None, process.output()
-            tree = descendants(process.pid)
+        tree = wait_for_descendant(process, "p2pd")
         process.signal_group(signal.SIGINT)
         assert process.wait(STOP_TIMEOUT) == 0, process.output()
     finally:
