@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from swarm import messages
 from swarm.compression import in_compute_dtype
 from swarm.errors import ProtocolError
 from swarm.logs import short_id
+from swarm.message_stream import MessageStream
 from swarm.protocol import MAX_UNARY_PAYLOAD_BYTES, RPC_PUSH, ErrorKind, ErrorReply, ForwardedStep, ForwardTarget
 from swarm.swarm_key import SwarmKey, rpc_token
 
@@ -50,17 +50,45 @@ MAX_FORWARDED_WAITING = 16  # forwarded steps a session holds before it runs the
 SESSION_OPEN_WAIT_S = 0.25
 
 
+class Inbox:
+    """A session's forwarded steps not yet run, in the order they came. A read (`next`) is a future that the next
+    step resolves itself: a session that waits for its client and for pushes at once needs no task per step."""
+
+    def __init__(self) -> None:
+        self._steps: collections.deque[runtime_pb2.ExpertRequest] = collections.deque()
+        self._read: asyncio.Future[runtime_pb2.ExpertRequest] | None = None
+
+    def qsize(self) -> int:
+        return len(self._steps)
+
+    def put(self, request: runtime_pb2.ExpertRequest) -> None:
+        read, self._read = self._read, None
+        if read is not None and not read.done():
+            read.set_result(request)
+        else:  # nobody reads, or the read was given up (cancelled): the step waits for the next one
+            self._steps.append(request)
+
+    def next(self) -> asyncio.Future[runtime_pb2.ExpertRequest]:
+        """The next step, once it comes; cancelling the future gives the read up and loses nothing."""
+        read: asyncio.Future[runtime_pb2.ExpertRequest] = asyncio.get_running_loop().create_future()
+        if self._steps:
+            read.set_result(self._steps.popleft())
+        else:
+            self._read = read
+        return read
+
+
 class ForwardedSteps:
     """The sessions of this peer that take forwarded steps, by their id, each with its steps not yet run."""
 
     def __init__(self) -> None:
-        self._inboxes: dict[str, asyncio.Queue[runtime_pb2.ExpertRequest]] = {}
+        self._inboxes: dict[str, Inbox] = {}
         self._awaited: dict[str, list[asyncio.Future[None]]] = {}  # pushes waiting for a session to open, by its id
 
-    def open(self, session: str) -> asyncio.Queue[runtime_pb2.ExpertRequest]:
+    def open(self, session: str) -> Inbox:
         if session in self._inboxes:
             raise ValueError("another open session has this session id")
-        inbox: asyncio.Queue[runtime_pb2.ExpertRequest] = asyncio.Queue()
+        inbox = Inbox()
         self._inboxes[session] = inbox
         for waiting in self._awaited.pop(session, []):
             if not waiting.done():
@@ -101,7 +129,7 @@ class ForwardedSteps:
             return ErrorReply(ErrorKind.BAD_REQUEST, "no open session takes forwarded steps under this id")
         if inbox.qsize() >= MAX_FORWARDED_WAITING:
             return ErrorReply(ErrorKind.UNAVAILABLE, "the session has too many forwarded steps waiting")
-        inbox.put_nowait(request)
+        inbox.put(request)
         return None
 
 
@@ -195,7 +223,8 @@ class _PushStream:
     def __init__(self, p2p: P2P, target: ForwardTarget, failed: asyncio.Queue[int]):
         self._peer_id, self._session = target.peer_id, target.session
         self._failed = failed
-        self._requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
+        self._stream: MessageStream | None = None
+        self._unsent: list[runtime_pb2.ExpertRequest] = []  # pushed while the stream opens: they go first
         self._waiting: collections.deque[tuple[int, asyncio.TimerHandle]] = collections.deque()  # in sending order
         self.fresh = True  # nothing sent on it yet
         self.ended = False
@@ -209,9 +238,14 @@ class _PushStream:
         return bool(self._waiting)
 
     def send(self, step: int, request: runtime_pb2.ExpertRequest, timeout: float) -> None:
+        """Push a step: written now if the stream is open, else as soon as it opens. (A socket that stays full
+        shows as steps not taken in time.)"""
         timer = asyncio.get_running_loop().call_later(timeout, self._not_taken_in_time, step)
         self._waiting.append((step, timer))
-        self._requests.put_nowait(request)
+        if self._stream is None:
+            self._unsent.append(request)
+        else:
+            self._stream.send(request)
         self.fresh = False
 
     def close(self) -> None:
@@ -224,12 +258,12 @@ class _PushStream:
         self.close()
 
     async def _read(self, p2p: P2P) -> None:
-        replies: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
         try:
-            replies = await p2p.iterate_protobuf_handler(
-                PeerID.from_base58(self._peer_id), RPC_PUSH, messages.queued(self._requests), runtime_pb2.ExpertResponse
-            )
-            async for reply in replies:
+            self._stream = await MessageStream.open(p2p, PeerID.from_base58(self._peer_id), RPC_PUSH)
+            for request in self._unsent:
+                self._stream.send(request)
+            self._unsent.clear()
+            while (reply := await self._stream.receive(runtime_pb2.ExpertResponse)) is not None:
                 if not self._waiting:
                     raise ProtocolError("an acknowledgement of no forwarded step")
                 step, timer = self._waiting.popleft()
@@ -247,10 +281,9 @@ class _PushStream:
                 timer.cancel()
                 self._failed.put_nowait(step)
             self._waiting.clear()
-            self._requests.put_nowait(None)
-            if replies is not None:
-                with contextlib.suppress(Exception):
-                    await replies.aclose()
+            if self._stream is not None:
+                self._stream.end()
+                self._stream.close()
 
 
 class StepSource:
@@ -261,11 +294,11 @@ class StepSource:
     def __init__(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], pushes: Pushes):
         self._requests = requests
         self._pushes = pushes  # the session's own, whose failures are to be told to the client
-        self._forwarded: asyncio.Queue[runtime_pb2.ExpertRequest] | None = None
+        self._forwarded: Inbox | None = None
         self._from_client: asyncio.Future[runtime_pb2.ExpertRequest] | None = None
         self._early: dict[int, runtime_pb2.ExpertRequest] = {}  # forwarded steps ahead of their turn, by number
 
-    def take_forwarded(self, forwarded: asyncio.Queue[runtime_pb2.ExpertRequest] | None) -> None:
+    def take_forwarded(self, forwarded: Inbox | None) -> None:
         """From now on, also the steps put in `forwarded` (the session's, once it is open; None: none)."""
         self._forwarded = forwarded
 
@@ -288,7 +321,7 @@ class StepSource:
             return IncomingStep(early, forwarded=True)
         if self._from_client is None:
             self._from_client = asyncio.ensure_future(anext(self._requests))
-        from_peer = None if self._forwarded is None else asyncio.ensure_future(self._forwarded.get())
+        from_peer = None if self._forwarded is None else self._forwarded.next()
         # no push can start while this waits: with none unsettled now, none can fail
         push_failure = asyncio.ensure_future(self._pushes.failed.get()) if self._pushes.unsettled else None
         waiting = {self._from_client} | {read for read in (from_peer, push_failure) if read is not None}
@@ -297,7 +330,7 @@ class StepSource:
         finally:
             for queue_read in (from_peer, push_failure):
                 if queue_read is not None and not queue_read.done():
-                    queue_read.cancel()  # a cancelled Queue.get leaves its item in the queue
+                    queue_read.cancel()  # a cancelled read leaves its item where it was
         if from_peer is not None and from_peer in done:
             if push_failure is not None and push_failure in done:
                 self._pushes.failed.put_nowait(push_failure.result())  # reported next time

@@ -23,13 +23,14 @@ from prometheus_client import CollectorRegistry
 
 from monitoring.peer_metrics import PeerMetrics
 from peer.config import PeerConfig, default_max_message_bytes
-from peer.forwarding import ForwardedSteps, IncomingStep, Pushes, PushFailed, StepSource
+from peer.forwarding import ForwardedSteps, Inbox, IncomingStep, Pushes, PushFailed, StepSource
 from peer.kv_cache import KVCacheBudget
 from peer.runtime import BlockRuntime, RequestAdapters
 from swarm import messages
 from swarm.asyncio_compat import asyncio_timeout
 from swarm.errors import CacheFullError, ProtocolError, RequestRejected
 from swarm.logs import short_id
+from swarm.message_stream import serve_message_streams
 from swarm.models import BlockSlice
 from swarm.models.deep_prompts import check_prompts
 from swarm.models.lora import check_lora
@@ -193,13 +194,8 @@ class BlockHandler:
             (RPC_BACKWARD_STREAM, "backward", self.rpc_backward_stream),
             (RPC_PUSH, "push", self.rpc_push),
         ]:
-            await p2p.add_protobuf_handler(
-                name,
-                self._measured_stream(rpc, self._members_only_stream(stream)),
-                request_type,
-                stream_input=True,
-                stream_output=True,
-            )
+            measured = self._measured_stream(rpc, self._members_only_stream(stream))
+            await serve_message_streams(p2p, name, measured, request_type)
 
     def _is_member(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> bool:
         assert self.swarm_key is not None
@@ -389,8 +385,7 @@ class BlockHandler:
                         pushes.prepare(step.forward_to[0])
                     outputs = await self._inference_step(span, cache, session_open, step, hidden_states, adapters)
                     if step.forward_to and self._send_on(step, session_open, outputs, pushes):
-                        reply["forwarded"] = True  # under way: a failure is told later
-                        await asyncio.sleep(0)  # the push sets out before the answer
+                        reply["forwarded"] = True  # written (or to be, once its stream opens): a failure is told later
                     yield messages.response([outputs], reply, session_open.compression)
                     incoming = await self._next_step(steps, next_step)
                 logger.debug("Session from %s closed", peer)
@@ -406,7 +401,7 @@ class BlockHandler:
             if steps.takes_forwarded and session_open is not None:
                 self.forwarded.close(session_open.session)
 
-    def _forwarded_inbox(self, session_open: InferenceOpen) -> asyncio.Queue[runtime_pb2.ExpertRequest] | None:
+    def _forwarded_inbox(self, session_open: InferenceOpen) -> Inbox | None:
         """The session's queue of forwarded steps, registered under its id (None: it has no id, takes none)."""
         if not session_open.session:
             return None

@@ -10,7 +10,6 @@ their gradients) always travel exact.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, TypeVar
@@ -25,12 +24,6 @@ from swarm.errors import ProtocolError
 from swarm.protocol import STREAM_CHUNK_BYTES, ErrorReply
 
 Message = TypeVar("Message", runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse)
-
-
-async def queued(queue: asyncio.Queue[Message | None]) -> AsyncIterator[Message]:
-    """The messages put in `queue`, as a stream's outgoing side, until None ends it."""
-    while (message := await queue.get()) is not None:
-        yield message
 
 
 def pack_metadata(metadata: dict[str, Any]) -> bytes:

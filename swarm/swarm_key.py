@@ -16,6 +16,7 @@ member; keep it as private as an SSH key.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 from hivemind.utils.auth import AuthorizedRequestBase, AuthorizedResponseBase, AuthorizerBase
 from hivemind.utils.crypto import RSAPublicKey
@@ -124,7 +126,7 @@ class SwarmKeyAuthorizer(AuthorizerBase):
 
 
 class KeyedP2P(P2P):
-    """A hivemind P2P replica whose calls to peers carry this member's RPC token. Only the two calling methods are
+    """A hivemind P2P replica whose calls to peers carry this member's RPC token. Only the calling methods are
     served (by the wrapped replica): it is for clients, which call and serve nothing."""
 
     def __init__(self, p2p: P2P, key: SwarmKey):  # no super().__init__(): the wrapped replica does the work
@@ -141,7 +143,7 @@ class KeyedP2P(P2P):
     async def call_protobuf_handler(  # type: ignore[override]
         self, peer_id: PeerID, name: str, request: runtime_pb2.ExpertRequest, output_type: type[_M]
     ) -> _M:
-        return await self.p2p.call_protobuf_handler(peer_id, name, self._signed(request, peer_id), output_type)
+        return await self.p2p.call_protobuf_handler(peer_id, name, self.signed(request, peer_id), output_type)
 
     async def iterate_protobuf_handler(  # type: ignore[override]
         self,
@@ -153,12 +155,18 @@ class KeyedP2P(P2P):
         async def signed_first() -> AsyncIterator[runtime_pb2.ExpertRequest]:
             first = True
             async for request in requests:
-                yield self._signed(request, peer_id) if first else request
+                yield self.signed(request, peer_id) if first else request
                 first = False
 
         return await self.p2p.iterate_protobuf_handler(peer_id, name, signed_first(), output_type)
 
-    def _signed(self, request: runtime_pb2.ExpertRequest, callee: PeerID) -> runtime_pb2.ExpertRequest:
+    async def call_binary_stream_handler(
+        self, peer_id: PeerID, handler_name: str
+    ) -> tuple[StreamInfo, asyncio.StreamReader, asyncio.StreamWriter]:
+        """A raw stream, for `swarm.message_stream.MessageStream`, which signs its first message (`signed`)."""
+        return await self.p2p.call_binary_stream_handler(peer_id, handler_name)
+
+    def signed(self, request: runtime_pb2.ExpertRequest, callee: PeerID) -> runtime_pb2.ExpertRequest:
         metadata = messages.unpack_metadata(request.metadata) if request.metadata else {}
         metadata["auth"] = rpc_token(self.key, self.peer_id.to_base58(), callee.to_base58())
         signed = runtime_pb2.ExpertRequest()

@@ -4,12 +4,11 @@ of blockswarm's on either side.
 `swarm bench` sets the swarm's overhead over the local model against it: every message of a session passes from
 Python to one `p2pd`, to the other, and to Python again, and no peer can answer faster than that. Both endpoints
 live in this process (each with its own daemon, as every peer has), one echoing what the other sends on one
-long-lived stream, as an inference session's steps travel.
+long-lived stream, as an inference session's steps travel, in the same framing (`swarm.message_stream`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +18,7 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from swarm import messages
+from swarm.message_stream import MessageStream, serve_message_streams
 
 ECHO = "blockswarm.bench_echo"
 WARM_UP_ROUND_TRIPS = 20
@@ -37,21 +37,21 @@ async def raw_round_trip_seconds(payload: torch.Tensor, round_trips: int) -> flo
     server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     client = None
     try:
-        await server.add_protobuf_handler(ECHO, _echo, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True)
+        await serve_message_streams(server, ECHO, _echo, runtime_pb2.ExpertRequest)
         client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await server.get_visible_maddrs())
-        requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
-        replies = await client.iterate_protobuf_handler(
-            server.peer_id, ECHO, messages.queued(requests), runtime_pb2.ExpertResponse
-        )
+        stream = await MessageStream.open(client, server.peer_id, ECHO)
         seconds = []
         for _ in range(WARM_UP_ROUND_TRIPS + round_trips):
             began = time.perf_counter()
-            requests.put_nowait(messages.request([payload]))
-            messages.tensors_of(await anext(replies))
+            stream.send(messages.request([payload]))
+            reply = await stream.receive(runtime_pb2.ExpertResponse)
+            assert reply is not None, "the echoing endpoint ended the stream"
+            messages.tensors_of(reply)
             seconds.append(time.perf_counter() - began)
-        requests.put_nowait(None)
-        async for _ in replies:  # the stream's end
+        stream.end()
+        while await stream.receive(runtime_pb2.ExpertResponse) is not None:  # the stream's end
             pass
+        stream.close()
         return statistics.median(seconds[WARM_UP_ROUND_TRIPS:])
     finally:
         if client is not None:

@@ -152,8 +152,9 @@ class InferenceSession:
                 reply = None
                 if sent_at is not None:
                     previous = self._connections[index - 1]
+                    expected = self._digest_as_sent(connection, hidden_states)  # while the peer computes
                     reply = await self._receive_forwarded(connection, previous, hidden_states, sent_at)
-                    if reply is not None and reply.input_digest != self._digest_as_sent(connection, hidden_states):
+                    if reply is not None and reply.input_digest != expected:
                         raise _OtherInputsForwarded(reply)
                 if reply is None:  # not forwarded, or the push failed
                     sent_at = time.perf_counter()
@@ -436,21 +437,19 @@ class InferenceSession:
         """The reply of `connection`'s peer to the step that `previous`'s peer pushed to it (its own step number
         `pushed_step`), or None once that peer says the push failed."""
         timeout = self._step_timeout(connection, shape[1])
-        answer = asyncio.ensure_future(connection.stream.forwarded_step(shape, timeout))
-        push_failure = asyncio.ensure_future(previous.stream.push_failure(pushed_step))
+        answer = connection.stream.next_answer()
+        push_failure = previous.stream.push_failure(pushed_step)
         try:
-            await asyncio.wait([answer, push_failure], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([answer, push_failure], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             push_failure.cancel()
-            if not answer.done():
-                answer.cancel()  # the answer will not come (its read leaves the stream as it was)
-            await asyncio.wait([answer, push_failure])
+            answer.cancel()  # unless it came: a read given up leaves the answer to the next one
         if answer.cancelled():
+            if push_failure.cancelled():  # neither came
+                raise PeerTimeout(connection.span.peer_id, f"no answer to a forwarded step within {timeout:.1f} s")
             return None
-        try:
-            reply = answer.result()
-        except PeerTimeout as e:
-            raise PeerTimeout(connection.span.peer_id, f"no answer to a forwarded step within {timeout:.1f} s") from e
+        reply = connection.stream.decoded(answer.result(), shape)
+        connection.stream.steps += 1  # counted once it came: without it, the client sends the same step itself
         self._metrics.forwarded_steps.inc()
         return reply
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerErr
 from hivemind.proto import runtime_pb2
 
 from swarm import messages
+from swarm.asyncio_compat import asyncio_timeout
 from swarm.errors import (
     CacheFullError,
     InvalidRequest,
@@ -31,6 +33,7 @@ from swarm.errors import (
     RequestRejected,
 )
 from swarm.logs import short_id
+from swarm.message_stream import MessageStream
 from swarm.protocol import (
     MAX_UNARY_PAYLOAD_BYTES,
     RPC_BACKWARD,
@@ -192,6 +195,9 @@ async def _call_span(
         return outputs
 
 
+_Answer = tuple[runtime_pb2.ExpertResponse, dict[str, Any]]  # a peer's answer to a step, with its metadata
+
+
 @dataclass(frozen=True)
 class StepReply:
     outputs: torch.Tensor
@@ -204,67 +210,111 @@ class InferenceStream:
 
     Its steps are numbered (`InferenceStep.step`), those the previous span's peer forwards to it included
     (peer/forwarding.py). A reader task takes the peer's messages as they come: its answers, in order, and its
-    notes that a push of one of its steps to the next span's peer failed, which may come between them."""
+    notes that a push of one of its steps to the next span's peer failed, which may come between them. A read of
+    an answer or of a push's failure is a future that the reader task resolves itself: the token's answer reaches
+    the step that waits for it with no task or queue between them."""
 
     def __init__(self, p2p: P2P, peer_id: str, session_open: InferenceOpen, adapters: SpanAdapters | None = None):
         self.p2p = p2p
         self.peer_id = peer_id
         self.session_open = session_open
         self.adapters = adapters  # sent once, with the first step; the peer applies them to every step
-        self._requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
-        self._replies: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+        self._stream: MessageStream | None = None
+        self._unsent: list[runtime_pb2.ExpertRequest] = []  # sent before the stream opened: they go first
         self._sent_open = False  # the first step carries the session's opening (and its adapters)
         self.steps = 0  # steps sent or forwarded to it so far: the next one's number
         self._reader: asyncio.Task | None = None
-        # the peer's answers with their metadata, in order; an exception once the stream failed or ended
-        self._answers: asyncio.Queue[tuple[runtime_pb2.ExpertResponse, dict[str, Any]] | BaseException] = (
-            asyncio.Queue()
-        )
-        self._failed_pushes: set[int] = set()  # steps whose push to the next span's peer failed
+        # the peer's answers that came before a read asked for them, in order; an exception once the stream failed
+        # or ended, which stays for every later read
+        self._answers: collections.deque[_Answer | BaseException] = collections.deque()
+        self._reads: collections.deque[asyncio.Future[_Answer | BaseException]] = collections.deque()  # waiting
+        self._failed_pushes: set[int] = set()  # steps whose push to the next span's peer failed, not yet asked for
+        self._push_watches: list[tuple[int, asyncio.Future[None]]] = []  # (step, done once its push failed)
         self._ended = False  # no more messages will come
-        self._news = asyncio.Event()  # set on each failed push and at the end
 
-    async def open(self, timeout: float) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    async def open(self, timeout: float) -> None:
         """Open the libp2p stream, once, before or with the first step (a session opens all its spans' streams
-        at once, so that no step waits for a stream to open); the peer's replies."""
-        if self._replies is not None:
-            return self._replies
+        at once, so that no step waits for a stream to open)."""
+        if self._stream is not None:
+            return
         with map_p2p_errors(self.peer_id):
-            self._replies = await asyncio.wait_for(
-                self.p2p.iterate_protobuf_handler(
-                    PeerID.from_base58(self.peer_id),
-                    RPC_INFERENCE,
-                    messages.queued(self._requests),
-                    runtime_pb2.ExpertResponse,
-                ),
-                timeout,
+            stream = await asyncio.wait_for(
+                MessageStream.open(self.p2p, PeerID.from_base58(self.peer_id), RPC_INFERENCE), timeout
             )
-        self._reader = asyncio.ensure_future(self._read(self._replies))
-        return self._replies
+        self._stream = stream
+        for request in self._unsent:
+            stream.send(request)
+        self._unsent.clear()
+        self._reader = asyncio.ensure_future(self._read(stream))
 
-    async def _read(self, replies: AsyncIterator[runtime_pb2.ExpertResponse]) -> None:
+    async def _read(self, stream: MessageStream) -> None:
         try:
-            async for reply in replies:
+            while (reply := await stream.receive(runtime_pb2.ExpertResponse)) is not None:
                 metadata = messages.unpack_metadata(reply.metadata)
                 if "push_failed" in metadata:
-                    self._failed_pushes.add(int(metadata["push_failed"]))
-                    self._news.set()
+                    self._push_failed(int(metadata["push_failed"]))
                 else:
-                    self._answers.put_nowait((reply, metadata))
-            self._answers.put_nowait(StopAsyncIteration())
+                    self._deliver((reply, metadata))
+            self._deliver(StopAsyncIteration())
         except Exception as e:
-            self._answers.put_nowait(e)
+            self._deliver(e)
         finally:
             self._ended = True
-            self._news.set()
+            for _, watch in self._push_watches:  # a push may then never have been made
+                if not watch.done():
+                    watch.set_result(None)
+            self._push_watches.clear()
 
-    async def push_failure(self, step: int) -> None:
-        """Returns once the peer said that its push of its step `step` to the next span's peer failed, or its
-        stream ended (a push may then never have been made)."""
-        while step not in self._failed_pushes and not self._ended:
-            self._news.clear()
-            await self._news.wait()
-        self._failed_pushes = {failed for failed in self._failed_pushes if failed > step}
+    def _deliver(self, answer: _Answer | BaseException) -> None:
+        """Hand an answer to the oldest read still waiting (a cancelled one takes nothing), or keep it for the next;
+        an exception goes to every read, now and later."""
+        while self._reads:
+            read = self._reads.popleft()
+            if not read.done():
+                read.set_result(answer)
+                if not isinstance(answer, BaseException):
+                    return
+        self._answers.append(answer)
+
+    def _push_failed(self, step: int) -> None:
+        waiting = [watch for watched, watch in self._push_watches if watched == step and not watch.done()]
+        self._push_watches = [(watched, watch) for watched, watch in self._push_watches if watched != step]
+        for watch in waiting:
+            watch.set_result(None)
+        if not waiting:
+            self._failed_pushes.add(step)  # told before anyone asked
+
+    def _write(self, request: runtime_pb2.ExpertRequest) -> None:
+        if self._stream is None:
+            self._unsent.append(request)
+        else:
+            self._stream.send(request)
+
+    def next_answer(self) -> asyncio.Future[_Answer | BaseException]:
+        """The peer's answer to the oldest step not yet answered, once it comes (`decoded` reads it). Cancelling the
+        future gives up the read and leaves the answer to the next one."""
+        read: asyncio.Future[_Answer | BaseException] = asyncio.get_running_loop().create_future()
+        if self._answers:
+            answer = self._answers[0]
+            if not isinstance(answer, BaseException):
+                self._answers.popleft()
+            read.set_result(answer)
+        else:
+            self._reads.append(read)
+        return read
+
+    def push_failure(self, step: int) -> asyncio.Future[None]:
+        """Done once the peer says that its push of its step `step` to the next span's peer failed, or its stream
+        ended (a push may then never have been made)."""
+        watch: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._failed_pushes = {failed for failed in self._failed_pushes if failed >= step}  # older ones are moot
+        if step in self._failed_pushes or self._ended:
+            self._failed_pushes.discard(step)
+            watch.set_result(None)
+        else:
+            self._push_watches = [(watched, w) for watched, w in self._push_watches if not w.done()]
+            self._push_watches.append((step, watch))
+        return watch
 
     @property
     def takes_forwarded_steps(self) -> bool:
@@ -282,9 +332,7 @@ class InferenceStream:
         comes, which the previous span's peer can then forward to it. Not with adapters, which the peer checks
         against the first step's hidden states."""
         assert not self._sent_open and self.adapters is None
-        self._requests.put_nowait(runtime_pb2.ExpertRequest(metadata=messages.pack_metadata(
-            {"open": self.session_open.to_wire()}
-        )))  # fmt: skip
+        self._write(runtime_pb2.ExpertRequest(metadata=messages.pack_metadata({"open": self.session_open.to_wire()})))
         self._sent_open = True
 
     async def step(
@@ -308,24 +356,24 @@ class InferenceStream:
                 tensors += self.adapters.tensors()
         with map_p2p_errors(self.peer_id):
             await self.open(timeout)
-        self._requests.put_nowait(messages.request(tensors, metadata, self.session_open.compression))
+            self._write(messages.request(tensors, metadata, self.session_open.compression))
+            async with asyncio_timeout(timeout):  # waits only while the socket is full
+                await self._stream.drain()
         self._sent_open = True
         self.steps += 1
-
-    async def forwarded_step(self, shape: torch.Size, timeout: float) -> StepReply:
-        """The reply to the step of [batch, seq] `shape` that the previous span's peer forwarded to this one. Its
-        number is counted once it came: cancelled before, the client can send the same step itself."""
-        reply = await self.reply(shape, timeout)
-        self.steps += 1
-        return reply
 
     async def reply(self, shape: torch.Size, timeout: float) -> StepReply:
         """The answer to the oldest step not yet answered, of [batch, seq] `shape`."""
         with map_p2p_errors(self.peer_id):
             await self.open(timeout)
-            answer = await asyncio.wait_for(self._answers.get(), timeout)
+            async with asyncio_timeout(timeout):
+                answer = await self.next_answer()
+        return self.decoded(answer, shape)
+
+    def decoded(self, answer: _Answer | BaseException, shape: torch.Size) -> StepReply:
+        """A step's reply from the peer's answer (`next_answer`) to the step of [batch, seq] `shape`."""
+        with map_p2p_errors(self.peer_id):
             if isinstance(answer, BaseException):
-                self._answers.put_nowait(answer)  # and to every later read
                 raise answer
             reply, metadata = answer
             raise_for_error(self.peer_id, messages.error_of(metadata))
@@ -335,25 +383,26 @@ class InferenceStream:
             return StepReply(outputs, metadata.get("forwarded") is True, metadata.get("input_digest"))
 
     async def abort(self) -> None:
-        """Give up on the stream without waiting for the peer (used once it is known to have failed); closing the
-        reply iterator closes hivemind's socket to the daemon."""
-        self._requests.put_nowait(None)
-        replies, self._replies = self._replies, None
+        """Give up on the stream without waiting for the peer (used once it is known to have failed): the
+        connection to the daemon is dropped, which resets the stream."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
         if self._reader is not None:
             self._reader.cancel()
-            await asyncio.wait([self._reader], timeout=1.0)  # a read stuck in hivemind's clean-up is left behind
-        if replies is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(replies.aclose(), timeout=1.0)
+            await asyncio.wait([self._reader], timeout=1.0)
 
     async def close(self) -> None:
         """End the stream and wait briefly for the peer to end its side; the peer frees the session's cache."""
-        self._requests.put_nowait(None)
+        if self._stream is not None:
+            self._stream.end()
         if self._reader is not None:
             await asyncio.wait([self._reader], timeout=5.0)
             if not self._reader.done():
                 await self.abort()
-        self._replies = None
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
 
 
 async def _aiter(items: list[runtime_pb2.ExpertRequest]) -> AsyncIterator[runtime_pb2.ExpertRequest]:

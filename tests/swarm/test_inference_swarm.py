@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import pytest
@@ -234,9 +235,10 @@ def test_the_client_sends_a_step_itself_when_its_push_failed(
     def unknown_session(stream: InferenceStream, *args: object) -> ForwardTarget:
         return replace(original_target(stream, *args), session="0" * 32)  # type: ignore[arg-type]
 
-    async def noted_failure(stream: InferenceStream, step: int) -> None:
-        await original_failure(stream, step)
-        told.append(step)
+    def noted_failure(stream: InferenceStream, step: int) -> asyncio.Future[None]:
+        watch = original_failure(stream, step)
+        watch.add_done_callback(lambda done: None if done.cancelled() else told.append(step))
+        return watch
 
     monkeypatch.setattr(InferenceStream, "forward_target", unknown_session)
     monkeypatch.setattr(InferenceStream, "push_failure", noted_failure)

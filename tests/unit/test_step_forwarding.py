@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from hivemind.p2p import P2PContext, PeerID
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.asyncio import as_aiter
 
@@ -203,7 +203,7 @@ def test_a_push_that_comes_before_its_session_opens_waits_for_the_opening() -> N
         await asyncio.sleep(0.05)
         assert not taking.done()  # waiting for the opening
         inbox = handler.forwarded.open("late")
-        assert await taking is None and inbox.get_nowait() is pushed
+        assert await taking is None and inbox.next().result() is pushed
         never = messages.request([torch.full((1, 1, HIDDEN), 1.0)], ForwardedStep("never", 0, 0).to_wire())
         refused = await handler.forwarded.take_once_open(never, wait=0.05)
         assert refused is not None and "no open session" in refused.message
@@ -306,17 +306,33 @@ class _SilentPeer:
         self.streams = 0
         self.sent: list[int] = []
 
-    async def iterate_protobuf_handler(
-        self, peer_id: PeerID, name: str, requests: AsyncIterator[runtime_pb2.ExpertRequest], output_type: type
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    async def call_binary_stream_handler(
+        self, peer_id: PeerID, name: str
+    ) -> tuple[None, asyncio.StreamReader, _RecordingWriter]:
         self.streams += 1
+        return None, asyncio.StreamReader(), _RecordingWriter(self.sent)  # a reader that never gets a byte
 
-        async def replies() -> AsyncIterator[runtime_pb2.ExpertResponse]:
-            async for request in requests:
-                self.sent.append(ForwardedStep.from_wire(messages.unpack_metadata(request.metadata)).step)
-            yield runtime_pb2.ExpertResponse()  # never reached while the stream is open
 
-        return replies()
+class _RecordingWriter:
+    """The writing end of a push stream: records the target step number of each message written to it."""
+
+    def __init__(self, sent: list[int]):
+        self.sent = sent
+        self.closed = False
+
+    def write(self, frame: bytes) -> None:  # hivemind's framing: a marker byte, an 8-byte length, the message
+        if frame[:1] == P2P.MESSAGE_MARKER:
+            request = runtime_pb2.ExpertRequest.FromString(frame[1 + P2P.HEADER_LEN :])
+            self.sent.append(ForwardedStep.from_wire(messages.unpack_metadata(request.metadata)).step)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def drain(self) -> None:
+        pass
 
 
 def test_a_push_not_taken_in_time_fails_and_the_next_push_opens_a_new_stream() -> None:
