@@ -40,6 +40,7 @@ ones; nothing here asserts.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, TypeVar
@@ -98,17 +99,23 @@ class ServerState(str, enum.Enum):
 _T = TypeVar("_T")
 
 
+@functools.cache
+def _wire_fields(cls: type) -> tuple[tuple[str, bool], ...]:
+    """(name, whether it has a default and so is optional on the wire) of each field of dataclass `cls`."""
+    return tuple((field.name, field.default is not MISSING) for field in fields(cls))
+
+
 def _from_wire(cls: type[_T], value: Any, what: str) -> _T:
     """Build dataclass `cls` from a wire dict: unknown keys ignored, missing or ill-typed ones rejected."""
     if not isinstance(value, dict):
         raise ProtocolError(f"{what} must be a map, got {type(value).__name__}")
     kwargs = {}
-    for field in fields(cls):  # type: ignore[arg-type]
-        if field.name not in value:
-            if field.default is not MISSING:  # has a default: the field is optional on the wire
+    for name, optional in _wire_fields(cls):
+        if name not in value:
+            if optional:
                 continue
-            raise ProtocolError(f"{what} lacks field {field.name!r}")
-        kwargs[field.name] = value[field.name]
+            raise ProtocolError(f"{what} lacks field {name!r}")
+        kwargs[name] = value[name]
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -267,8 +274,11 @@ class ForwardTarget:
         if not 0 < self.timeout <= MAX_FORWARD_TIMEOUT:
             raise ValueError(f"a forward timeout must be within (0, {MAX_FORWARD_TIMEOUT}] seconds")
 
-    def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_wire(self) -> dict[str, Any]:  # not `asdict`, which copies deeply: one of these goes with every step
+        return {
+            "peer_id": self.peer_id, "session": self.session, "step": self.step, "timeout": self.timeout,
+            "dtype": self.dtype,
+        }  # fmt: skip
 
     @classmethod
     def from_wire(cls, value: Any) -> ForwardTarget:
