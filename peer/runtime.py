@@ -21,7 +21,9 @@ next one: nothing can join the queue while the loop computes, so each batch ends
 the next starts from a step that arrives later, behind those answers in the loop's queue. Measured through 2
 peers of a 58M model on 2 CPU cores, in pairs of runs taken in turns: one session's token took 0.4 to 2.1 ms less
 through the blocks (of 11 to 15 ms; 5 pairs); 8 sessions decoded 124.7 to 129.4 tokens/s against 114.8 to 117.6
-in 4 pairs out of 5, the other 118.9 against 122.1.
+in 4 pairs out of 5, the other 118.9 against 122.1. A step of a session that decodes here alone (after its first:
+other sessions' first steps may come in the same turn of the loop), with no batch waiting or running, skips the
+queue too: it runs at once on the loop, in the task that took its message.
 """
 
 from __future__ import annotations
@@ -148,9 +150,16 @@ class BlockRuntime:
         return await self._run(_backward, span, hidden_states, grad_outputs, adapters)
 
     async def _decode(self, span: BlockSlice, cache: DynamicCache, hidden_states: torch.Tensor) -> torch.Tensor:
+        known = cache in self._decoders  # a first step may have company arriving in this same turn of the loop
+        self._decoders[cache] = (time.monotonic(), id(span))
+        if known and self._alone() and self._runs_inline():  # nothing to batch with: the step runs now, in this task
+            began = time.monotonic()
+            (output,) = self._decode_on_loop(span, [(hidden_states, cache)])
+            self.last_decode_batch_s = time.monotonic() - began
+            self.on_decode_batch(1)
+            return output
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         self._decodes.append(_PendingDecode(span, cache, hidden_states, future))
-        self._decoders[cache] = (time.monotonic(), id(span))
         self._decode_arrived.set()
         if self._decoding is None or self._decoding.done():
             self._decoding = asyncio.create_task(self._decode_waiting())
@@ -159,7 +168,8 @@ class BlockRuntime:
     async def _decode_waiting(self) -> None:
         """Run the waiting decode steps, those of one span as one batch, until none is left. Steps that arrive
         while a batch computes wait for the next one: under load, batches grow by themselves."""
-        await asyncio.sleep(0)  # steps that arrived in this same turn of the loop join the first batch
+        if len(self._decoders) > 1:  # steps of other sessions that arrived in this same turn of the loop join
+            await asyncio.sleep(0)  # the first batch; a lone session has no one to wait for
         while self._decodes:
             await self._gather_decodes()
             waiting, self._decodes = self._decodes, []
@@ -170,11 +180,8 @@ class BlockRuntime:
                 steps = [(pending.hidden, pending.cache) for pending in group]
                 try:
                     began = time.monotonic()
-                    if len(by_span) == 1 and self._runs_inline():
-                        try:  # on the loop: see the module doc
-                            outputs = _decode_together(group[0].span, steps)
-                        finally:
-                            self._device.release()
+                    if len(by_span) == 1 and self._runs_inline():  # on the loop: see the module doc
+                        outputs = self._decode_on_loop(group[0].span, steps)
                     else:
                         outputs = await self._run(_decode_together, group[0].span, steps)
                     self.last_decode_batch_s = time.monotonic() - began
@@ -208,6 +215,17 @@ class BlockRuntime:
                 await asyncio.wait_for(self._decode_arrived.wait(), left)
             except asyncio.TimeoutError:
                 return
+
+    def _alone(self) -> bool:
+        """Whether one session alone decodes here, and no batch is waiting or running."""
+        return len(self._decoders) == 1 and not self._decodes and (self._decoding is None or self._decoding.done())
+
+    def _decode_on_loop(self, span: BlockSlice, steps: list[tuple[torch.Tensor, DynamicCache]]) -> list[torch.Tensor]:
+        """`_decode_together` on the event loop's thread, which took the device (`_runs_inline`) for it."""
+        try:
+            return _decode_together(span, steps)
+        finally:
+            self._device.release()
 
     def _runs_inline(self) -> bool:
         """Whether the decode batch is to run on the event loop; if so, the device is taken for it. Only when the
