@@ -49,6 +49,10 @@ class LocalSwarm:
         self._spans = list(spans)
 
     def start(self) -> LocalSwarm:
+        """Start the bootstrap node and the peers, once (`with LocalSwarm(...)` starts it too); returns once every
+        peer serves."""
+        if self.bootstrap is not None:  # a second start would leave the first one's processes running
+            raise RuntimeError("this LocalSwarm was started already")
         try:
             self.bootstrap = SwarmProcess(
                 [sys.executable, "-m", "dht_bootstrap", "--host-maddrs", LOOPBACK, *self.key_args],

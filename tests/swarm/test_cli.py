@@ -204,6 +204,13 @@ def test_demo_stops_everything_when_stopped_early(
 
 
 @pytest.mark.slow
+def test_a_started_local_swarm_refuses_to_start_again(full_swarm: LocalSwarm) -> None:
+    peers = list(full_swarm.peers)
+    with pytest.raises(RuntimeError, match="started already"):
+        full_swarm.start()
+    assert full_swarm.peers == peers and all(peer.returncode is None for peer in peers)
+
+
 def test_status_json_lists_every_block_with_its_peer(full_swarm: LocalSwarm, demo_model: Path) -> None:
     run = run_cli("status", str(demo_model), "--initial-peers", *full_swarm.initial_peers, "--json")
 
