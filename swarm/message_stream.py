@@ -57,20 +57,20 @@ class MessageStream:
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        name: str,
         first_message: Callable[[Message], Message] | None = None,
     ):
         self._reader = reader
         self._writer = writer
+        self.name = name  # for errors: the RPC and the peer
         self._first_message = first_message
-        self.name = ""
 
     @classmethod
     async def open(cls, p2p: P2P, peer_id: PeerID, name: str) -> MessageStream:
         _, reader, writer = await p2p.call_binary_stream_handler(peer_id, name)
         signed = getattr(p2p, "signed", None)
-        stream = cls(reader, writer, None if signed is None else lambda message: signed(message, peer_id))
-        stream.name = f"{name} at {peer_id}"
-        return stream
+        first_message = None if signed is None else lambda message: signed(message, peer_id)
+        return cls(reader, writer, f"{name} at {peer_id}", first_message)
 
     def send(self, message: Message) -> None:
         """Write `message` now (a small one goes out in this call; `drain` waits while the socket is full)."""
