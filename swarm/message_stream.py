@@ -34,7 +34,6 @@ _M = TypeVar("_M", bound=Message)
 StreamHandler = Callable[[AsyncIterator[Any], P2PContext], AsyncIterator[Any]]
 
 MAX_PREFETCH = 5  # messages a handler's stream reads ahead of the handler, as hivemind's handlers do
-_END_OF_STREAM = RPCError()
 
 
 def _frame(message: Message, marker: bytes = P2P.MESSAGE_MARKER) -> bytes:
@@ -84,7 +83,7 @@ class MessageStream:
     def end(self) -> None:
         """End the caller's side: the handler's stream of messages ends, and it ends its own once done."""
         if not self._writer.is_closing():
-            self._writer.write(_frame(_END_OF_STREAM, P2P.ERROR_MARKER))
+            self._writer.write(_frame(P2P.END_OF_STREAM, P2P.ERROR_MARKER))
 
     async def receive(self, message_type: type[_M]) -> _M | None:
         """The handler's next message; None once it ended the stream (or the connection closed). Raises

@@ -45,7 +45,8 @@ async def raw_round_trip_seconds(payload: torch.Tensor, round_trips: int) -> flo
             began = time.perf_counter()
             stream.send(messages.request([payload]))
             reply = await stream.receive(runtime_pb2.ExpertResponse)
-            assert reply is not None, "the echoing endpoint ended the stream"
+            if reply is None:
+                raise ConnectionError("the echoing endpoint ended the stream")
             messages.tensors_of(reply)
             seconds.append(time.perf_counter() - began)
         stream.end()
