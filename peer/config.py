@@ -28,7 +28,7 @@ class PeerConfig:
     max_batch_size: int = 8
     inference_max_length: int = 4096  # tokens one inference session may reach
     prefill_chunk_tokens: int = 512  # a longer inference step runs in parts, other sessions' decode steps between
-    decode_gather_ms: float = 10.0  # longest wait of a decode step for the other decoding sessions' steps
+    decode_gather_ms: float = 30.0  # longest wait of a decode step for the other decoding sessions' steps
     session_idle_timeout: float = 600.0  # seconds a session may wait between steps
     max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT  # inference sessions one remote peer may hold
     max_requests_per_client: int = DEFAULT_MAX_REQUESTS_PER_CLIENT  # forward/backward calls in flight per remote peer

@@ -614,7 +614,7 @@ async def greedy_session(
 
     def next_token(outputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():  # grad mode is per thread
-            return model.client_modules.logits(outputs).argmax(-1)
+            return model.client_modules.logits(outputs, caller=session).argmax(-1)
 
     try:
         with torch.no_grad():

@@ -283,7 +283,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         outputs = run_sync(session.step(hidden))
         conversation.sent_ids = input_ids.clone()
         outputs = _kept(outputs[:, prompt_length:], logits_to_keep)
-        return self.client_modules.logits(outputs.to(device=hidden.device, dtype=hidden.dtype))
+        return self.client_modules.logits(outputs.to(device=hidden.device, dtype=hidden.dtype), caller=session)
 
     def _adapters(self) -> ModelAdapters | None:
         """The LoRA adapter and deep prompts as inference sessions send them to the peers."""

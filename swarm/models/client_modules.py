@@ -50,10 +50,11 @@ class ClientModules(nn.Module):
             hidden = self.embedding_norm(hidden)
         return hidden
 
-    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden_states: torch.Tensor, caller: object | None = None) -> torch.Tensor:
         """Logits from the hidden states leaving the last block. Without autograd, threads that ask at the same
-        time (concurrent generations in one process) share a pass through the head (`SharedPass`)."""
-        return self._head_pass.run(self._head, hidden_states)
+        time (concurrent generations in one process) share a pass through the head (`SharedPass`); a `caller`
+        that names itself (its inference session) is waited for by the others' passes while it decodes."""
+        return self._head_pass.run(self._head, hidden_states, caller)
 
     def head_pass_counts(self) -> tuple[int, int]:
         """(calls of `logits` that could share a pass, passes run for them) so far: how far concurrent

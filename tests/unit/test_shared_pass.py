@@ -1,8 +1,10 @@
 """Threads that ask for an LM head's logits at the same time share one pass (`SharedPass`): each gets exactly
-the rows it would get alone, a failing pass fails every caller in it, and callers with autograd run alone."""
+the rows it would get alone, a pass waits for half of the active callers, a failing pass fails every caller in it,
+and callers with autograd run alone."""
 
 from __future__ import annotations
 
+import gc
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -59,6 +61,47 @@ def test_callers_that_queue_behind_a_pass_share_the_next_and_each_gets_its_own_r
     for x, result in zip(inputs, results, strict=True):
         assert result.shape == (1, x.shape[1], VOCAB)
         torch.testing.assert_close(result, x @ function.weight, rtol=1e-5, atol=1e-5)  # float32
+
+
+class _Caller:
+    """A session, as `SharedPass` knows one: any object it can reference weakly."""
+
+
+def _active_callers(shared: SharedPass, count: int) -> list[_Caller]:
+    """`count` callers that each called once, on their own (a fresh `SharedPass` has no pass to time, so none of
+    these calls waits); then passes are made to wait for company as long as a test needs."""
+    callers = [_Caller() for _ in range(count)]
+    for caller in callers:
+        _without_grad(shared.run, lambda rows: rows, _inputs(0), caller)
+    shared.last_pass_s = shared.max_wait_s
+    return callers
+
+
+def test_a_pass_waits_until_half_of_the_active_callers_have_come() -> None:
+    shared = SharedPass(max_wait_s=WAIT_S)
+    callers = _active_callers(shared, 4)
+    function = _GatedFunction(shared, queued_before_release=0)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_without_grad, shared.run, function, _inputs(1), callers[0])
+        wait_for(lambda: shared.calls == 5, WAIT_S, "the first caller", POLL_S)
+        assert not function.rows_per_call  # 1 of 4 active callers: its pass waits for a second
+        second = pool.submit(_without_grad, shared.run, function, _inputs(2), callers[1])
+        results = [first.result(WAIT_S), second.result(WAIT_S)]
+    assert function.rows_per_call == [2]
+    for seed, result in zip((1, 2), results, strict=True):
+        torch.testing.assert_close(result, _inputs(seed) @ function.weight)
+
+
+def test_callers_that_are_gone_are_not_waited_for() -> None:
+    shared = SharedPass(max_wait_s=2 * WAIT_S)  # a pass that waited for them would outlast the test's wait
+    callers = _active_callers(shared, 4)
+    del callers[2:]  # two sessions ended: 2 active callers, and one of them alone is half
+    gc.collect()
+    function = _GatedFunction(shared, queued_before_release=0)
+    with ThreadPoolExecutor(1) as pool:
+        result = pool.submit(_without_grad, shared.run, function, _inputs(1), callers[0]).result(WAIT_S)
+    assert function.rows_per_call == [1]
+    torch.testing.assert_close(result, _inputs(1) @ function.weight)
 
 
 def test_a_failing_pass_fails_each_of_its_callers_and_the_next_pass_runs() -> None:
