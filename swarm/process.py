@@ -30,6 +30,7 @@ Stream = Literal["stdout", "stderr"]
 
 OUTPUT_TAIL_LINES = 40  # lines of output quoted in errors
 EXIT_DRAIN_SECONDS = 1.0  # after the process exits, how long its last lines may take to arrive
+HIVEMIND_SOCKET_PREFIX = "/tmp/hivemind-"  # hivemind's p2pd-*.sock and p2pclient-*.sock
 
 
 class ProcessExitedError(RuntimeError):
@@ -142,13 +143,19 @@ class SwarmProcess:
             os.kill(self.pid, signal_number)
 
     def signal_group(self, signal_number: int) -> None:
-        """Signal every process in the group, as Ctrl-C in a terminal or a service manager would."""
+        """Signal every process in the group, as Ctrl-C in a terminal or a service manager would. A SIGKILL also
+        removes the unix sockets that the group's `p2pd` daemons and their clients listened on, which processes
+        killed that way cannot remove themselves."""
+        sockets = _hivemind_sockets([self.pid, *(info.pid for info in descendants(self.pid))])
         # The group outlives its leader while any member runs, and Linux hands out no pid still in use as a group id.
         # Once the group is empty, ESRCH (unless a new process got this very pid and leads a group: not in practice).
         try:
             os.killpg(self.pid, signal_number)
         except ProcessLookupError:
             pass
+        if signal_number == signal.SIGKILL:
+            for path in sockets:
+                path.unlink(missing_ok=True)
 
     def terminate(self, timeout: float = 10.0) -> int:
         """SIGTERM to the command itself, so it can shut its own children down in order; after `timeout` seconds,
@@ -241,3 +248,39 @@ def descendants(pid: int) -> list[ProcessInfo]:
             found.append(child)
             parents.append(child.pid)
     return sorted(found, key=lambda info: info.pid)
+
+
+def _hivemind_sockets(pids: Sequence[int]) -> list[Path]:
+    """The unix sockets under HIVEMIND_SOCKET_PREFIX that these processes hold open (hivemind names its daemon's
+    and its clients' sockets so, in /tmp)."""
+    paths: dict[str, Path] = {}  # socket inode -> path
+    try:
+        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7].startswith(HIVEMIND_SOCKET_PREFIX):
+            paths[fields[6]] = Path(fields[7])
+    held = []
+    for pid in pids:
+        for link in _fd_links(pid):
+            inode = link.removeprefix("socket:[").removesuffix("]")
+            if link.startswith("socket:[") and inode in paths:
+                held.append(paths[inode])
+    return held
+
+
+def _fd_links(pid: int) -> list[str]:
+    """What the process's open file descriptors point to; none if it is gone or not ours to read."""
+    links = []
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return []
+    for fd in fds:
+        try:
+            links.append(os.readlink(fd))
+        except OSError:  # closed meanwhile
+            continue
+    return links

@@ -136,6 +136,22 @@ def test_signal_shuts_down_cleanly(start_bootstrap: StartBootstrap, signal_numbe
     assert "shutting down" in process.output("stderr")
 
 
+def test_a_killed_node_leaves_no_socket_files(start_bootstrap: StartBootstrap) -> None:
+    """SIGKILL gives hivemind no chance to remove the unix sockets of its `p2pd` (and of the daemon's client, where
+    it serves streams) in /tmp; `SwarmProcess` removes those of the group it kills (the fault-tolerance tests kill
+    peers so, by the dozen)."""
+    before = set(Path("/tmp").glob("hivemind-*.sock"))
+    process = start_bootstrap()
+    wait_for_initial_peer(process)
+    tree = descendants(process.pid)
+    created = set(Path("/tmp").glob("hivemind-*.sock")) - before
+    assert any(path.name.startswith("hivemind-p2pd-") for path in created), created  # its daemon's socket
+
+    process.kill()
+    assert wait_until_gone(tree, timeout=5.0) == []
+    assert [path for path in created if path.exists()] == []
+
+
 def test_ctrl_c_while_a_dht_starts_stops_it_then_interrupts(start_bootstrap: StartBootstrap) -> None:
     """Ctrl-C while `start_dht` forks and joins (a demo stopped as its client connects) is held until the DHT is up,
     then the DHT is shut down and the Ctrl-C raised: it is neither lost nor leaves a p2pd behind."""
