@@ -68,8 +68,8 @@ class _Caller:
 
 
 def _active_callers(shared: SharedPass, count: int) -> list[_Caller]:
-    """`count` callers that each called once, on their own (a fresh `SharedPass` has no pass to time, so none of
-    these calls waits); then passes are made to wait for company as long as a test needs."""
+    """`count` callers that each called once, on their own (each pass waits for company no longer than the one
+    before it took, microseconds); then passes are made to wait for company as long as a test needs."""
     callers = [_Caller() for _ in range(count)]
     for caller in callers:
         _without_grad(shared.run, lambda rows: rows, _inputs(0), caller)
