@@ -146,16 +146,17 @@ class SwarmProcess:
         """Signal every process in the group, as Ctrl-C in a terminal or a service manager would. A SIGKILL also
         removes the unix sockets that the group's `p2pd` daemons and their clients listened on, which processes
         killed that way cannot remove themselves."""
-        sockets = _hivemind_sockets([self.pid, *(info.pid for info in descendants(self.pid))])
+        sockets: list[Path] = []  # read before the kill: afterwards the processes and their open files are gone
+        if signal_number == signal.SIGKILL:
+            sockets = _hivemind_sockets([self.pid, *(info.pid for info in descendants(self.pid))])
         # The group outlives its leader while any member runs, and Linux hands out no pid still in use as a group id.
         # Once the group is empty, ESRCH (unless a new process got this very pid and leads a group: not in practice).
         try:
             os.killpg(self.pid, signal_number)
         except ProcessLookupError:
             pass
-        if signal_number == signal.SIGKILL:
-            for path in sockets:
-                path.unlink(missing_ok=True)
+        for path in sockets:
+            path.unlink(missing_ok=True)
 
     def terminate(self, timeout: float = 10.0) -> int:
         """SIGTERM to the command itself, so it can shut its own children down in order; after `timeout` seconds,
