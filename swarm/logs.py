@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import sys
 
 FORMAT = "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging(level: str | int | None = None) -> None:
-    """Log to stderr at `level` (default: $BLOCKSWARM_LOG_LEVEL or INFO) and quiet chatty dependencies."""
+    """Log to stderr at `level` (default: $BLOCKSWARM_LOG_LEVEL or INFO) and quiet chatty dependencies. SIGUSR1
+    prints every thread's stack to stderr (`kill -USR1 PID`: where a stuck process is), and the process goes on."""
     level = level or os.environ.get("BLOCKSWARM_LOG_LEVEL", "INFO")
     logging.basicConfig(level=level, format=FORMAT, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     for noisy in ("hivemind", "transformers", "urllib3", "filelock", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 

@@ -148,7 +148,7 @@ class SwarmProcess:
         killed that way cannot remove themselves."""
         sockets: list[Path] = []  # read before the kill: afterwards the processes and their open files are gone
         if signal_number == signal.SIGKILL:
-            sockets = _hivemind_sockets([self.pid, *(info.pid for info in descendants(self.pid))])
+            sockets = hivemind_sockets([self.pid, *(info.pid for info in descendants(self.pid))])
         # The group outlives its leader while any member runs, and Linux hands out no pid still in use as a group id.
         # Once the group is empty, ESRCH (unless a new process got this very pid and leads a group: not in practice).
         try:
@@ -251,7 +251,7 @@ def descendants(pid: int) -> list[ProcessInfo]:
     return sorted(found, key=lambda info: info.pid)
 
 
-def _hivemind_sockets(pids: Sequence[int]) -> list[Path]:
+def hivemind_sockets(pids: Sequence[int]) -> list[Path]:
     """The unix sockets under HIVEMIND_SOCKET_PREFIX that these processes hold open (hivemind names its daemon's
     and its clients' sockets so, in /tmp)."""
     paths: dict[str, Path] = {}  # socket inode -> path

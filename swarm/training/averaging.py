@@ -48,6 +48,7 @@ from hivemind.optim.progress_tracker import ProgressTracker
 
 from swarm.compression import AVERAGING_CODECS, averaging_codec
 from swarm.errors import ConfigError
+from swarm.process import hivemind_sockets
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +185,19 @@ def collaborative_optimizer(
     return LocalStepsOptimizer(outer, inner_optimizer(params), params, config.local_steps)
 
 
+class _AveragingOptimizer(hivemind.Optimizer):
+    """hivemind's Optimizer, whose `shutdown` also removes the unix sockets its averager processes listened on:
+    they end without closing their replica of the DHT's p2p client, which would leave its socket file
+    (/tmp/hivemind-p2pclient-*.sock) behind, two for every trainer run."""
+
+    def shutdown(self) -> None:
+        averagers = [self.state_averager, getattr(self, "grad_averager", None)]
+        sockets = hivemind_sockets([averager.pid for averager in averagers if averager is not None and averager.pid])
+        super().shutdown()
+        for path in sockets:
+            path.unlink(missing_ok=True)
+
+
 def _hivemind_optimizer(
     dht: hivemind.DHT,
     params: list[torch.nn.Parameter],
@@ -194,7 +208,7 @@ def _hivemind_optimizer(
 ) -> hivemind.Optimizer:
     codec = averaging_codec(config.compression)
     with _ctrl_c_kept():
-        return hivemind.Optimizer(
+        return _AveragingOptimizer(
             dht=dht,
             run_id=config.run_id,
             params=params,

@@ -152,6 +152,22 @@ def test_a_killed_node_leaves_no_socket_files(start_bootstrap: StartBootstrap) -
     assert [path for path in created if path.exists()] == []
 
 
+def test_sigusr1_prints_every_threads_stack_and_the_node_serves_on(start_bootstrap: StartBootstrap) -> None:
+    """`kill -USR1 PID` shows where a stuck process is (every entry point sets it up with its logging): the stacks
+    of all its threads on stderr, and the process goes on."""
+    process = start_bootstrap()
+    maddr, _ = wait_for_initial_peer(process)
+    os.kill(process.pid, signal.SIGUSR1)
+    process.wait_for_line(r"^Current thread 0x[0-9a-f]+ \(most recent call first\):$", timeout=10.0, stream="stderr")
+    assert process.returncode is None
+
+    client = hivemind.DHT(initial_peers=[maddr], client_mode=True, host_maddrs=[LOOPBACK], start=True)
+    try:
+        assert client.store("after-sigusr1", "still serving", expiration_time=get_dht_time() + 60)
+    finally:
+        client.shutdown()
+
+
 def test_ctrl_c_while_a_dht_starts_stops_it_then_interrupts(start_bootstrap: StartBootstrap) -> None:
     """Ctrl-C while `start_dht` forks and joins (a demo stopped as its client connects) is held until the DHT is up,
     then the DHT is shut down and the Ctrl-C raised: it is neither lost nor leaves a p2pd behind."""

@@ -5,8 +5,11 @@ each stopped by PID.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +17,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from swarm.process import SwarmProcess, descendants
+from swarm.process import ProcessExitedError, SwarmProcess, descendants
 from swarm.testing import LOOPBACK, METRICS_LINE, LocalSwarm
 from tests.model_factory import save_byte_tokenizer
 from tests.prometheus_tools import http_get, promtool, scrape, wait_for
@@ -98,10 +101,22 @@ def _scrape_while_running(url: str, at_least: dict[str, float]) -> dict | None:
     return samples
 
 
+def _exit_code(trainer: SwarmProcess, timeout: float = 60.0) -> int:
+    """The trainer's exit code once it exits; a failure with the stacks of its threads (SIGUSR1) and its last output
+    if it is still running after `timeout` seconds."""
+    try:
+        return trainer.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(trainer.pid, signal.SIGUSR1)
+        with contextlib.suppress(TimeoutError, ProcessExitedError):
+            trainer.wait_for_line(r"^Current thread 0x", 10.0, stream="stderr")
+        pytest.fail(f"{trainer.name} runs on after {timeout} s; its threads and output:\n{trainer.output()[-8000:]}")
+
+
 def _finish(trainer: SwarmProcess) -> Path:
     """Wait for the trainer to save and exit cleanly; the saved adapter file."""
     saved = Path(trainer.wait_for_line(SAVED_LINE, TRAINER_TIMEOUT, stream="stdout").group(1))
-    assert trainer.wait(timeout=60) == 0, trainer.output()[-4000:]
+    assert _exit_code(trainer) == 0, trainer.output()[-4000:]
     return saved
 
 
@@ -194,7 +209,7 @@ def test_ctrl_c_stops_a_training_trainer(start_trainer) -> None:  # type: ignore
     trainer.wait_for_line(_epoch_at_least(1, 1000), TRAINER_TIMEOUT, stream="stdout")
     started = descendants(trainer.pid)
     trainer.signal_group(signal.SIGINT)
-    assert trainer.wait(timeout=60) == 130, trainer.output()[-4000:]
+    assert _exit_code(trainer) == 130, trainer.output()[-4000:]
     assert "swarm finetune: interrupted" in trainer.output("stderr")
     # torch's shared-memory manager leaves once the processes it served are gone
     wait_for(lambda: not any(info.is_running() for info in started), 10, "the trainer's processes to end")

@@ -9,6 +9,7 @@ import hivemind
 import pytest
 import torch
 
+from swarm.process import hivemind_sockets
 from swarm.testing import LOOPBACK
 from swarm.training.averaging import (
     CollaborationConfig,
@@ -167,3 +168,18 @@ def test_one_trainer_on_hivemind_with_outer_lr_1_trains_like_local_adamw(dht: hi
     finally:
         optimizer.shutdown()
         optimizer.tracker.join(timeout=10)
+
+
+@pytest.mark.slow  # a DHT and two averager processes: about 4 s
+def test_shutdown_removes_the_socket_files_of_its_averagers(dht: hivemind.DHT) -> None:
+    """hivemind's averager processes end without closing their p2p client, whose socket file in /tmp would stay."""
+    config = CollaborationConfig(run_id="sockets-unit", target_batch_size=BATCH_SIZE, batch_size_per_step=BATCH_SIZE)
+    optimizer = collaborative_optimizer(dht, _params(), config, lambda p: torch.optim.AdamW(p, lr=0.1))
+    try:
+        assert isinstance(optimizer, hivemind.Optimizer)
+        sockets = hivemind_sockets([optimizer.state_averager.pid, optimizer.grad_averager.pid])
+        assert len(sockets) == 2 and all(path.exists() for path in sockets), sockets  # started, serving streams
+    finally:
+        optimizer.shutdown()
+        optimizer.tracker.join(timeout=10)
+    assert [path for path in sockets if path.exists()] == []
