@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import os
@@ -16,7 +17,8 @@ def setup_logging(level: str | int | None = None) -> None:
     prints every thread's stack to stderr (`kill -USR1 PID`: where a stuck process is), and the process goes on."""
     level = level or os.environ.get("BLOCKSWARM_LOG_LEVEL", "INFO")
     logging.basicConfig(level=level, format=FORMAT, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    with contextlib.suppress(AttributeError, OSError, RuntimeError, ValueError):  # a stderr without a file descriptor
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     for noisy in ("hivemind", "transformers", "urllib3", "filelock", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
