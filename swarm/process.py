@@ -14,13 +14,14 @@ starts every command in a new session (its own process group) and stops the whol
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -146,17 +147,15 @@ class SwarmProcess:
         """Signal every process in the group, as Ctrl-C in a terminal or a service manager would. A SIGKILL also
         removes the unix sockets that the group's `p2pd` daemons and their clients listened on, which processes
         killed that way cannot remove themselves."""
-        sockets: list[Path] = []  # read before the kill: afterwards the processes and their open files are gone
-        if signal_number == signal.SIGKILL:
-            sockets = hivemind_sockets([self.pid, *(info.pid for info in descendants(self.pid))])
-        # The group outlives its leader while any member runs, and Linux hands out no pid still in use as a group id.
-        # Once the group is empty, ESRCH (unless a new process got this very pid and leads a group: not in practice).
-        try:
-            os.killpg(self.pid, signal_number)
-        except ProcessLookupError:
-            pass
-        for path in sockets:
-            path.unlink(missing_ok=True)
+        killed = [self.pid, *(info.pid for info in descendants(self.pid))] if signal_number == signal.SIGKILL else []
+        with removing_hivemind_sockets(killed):
+            # The group outlives its leader while any member runs, and Linux hands out no pid still in use as a group
+            # id. Once the group is empty, ESRCH (unless a new process got this very pid and leads a group: not in
+            # practice).
+            try:
+                os.killpg(self.pid, signal_number)
+            except ProcessLookupError:
+                pass
 
     def terminate(self, timeout: float = 10.0) -> int:
         """SIGTERM to the command itself, so it can shut its own children down in order; after `timeout` seconds,
@@ -249,6 +248,17 @@ def descendants(pid: int) -> list[ProcessInfo]:
             found.append(child)
             parents.append(child.pid)
     return sorted(found, key=lambda info: info.pid)
+
+
+@contextlib.contextmanager
+def removing_hivemind_sockets(pids: Sequence[int]) -> Iterator[None]:
+    """Around a block that ends these processes in a way that leaves their socket files behind (SIGKILL; hivemind's
+    averagers, which never close their p2p client): the hivemind sockets they hold open are read before the block,
+    while the processes and their open files still exist, and removed after it."""
+    sockets = hivemind_sockets(pids) if pids else []
+    yield
+    for path in sockets:
+        path.unlink(missing_ok=True)
 
 
 def hivemind_sockets(pids: Sequence[int]) -> list[Path]:

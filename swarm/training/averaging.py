@@ -48,7 +48,7 @@ from hivemind.optim.progress_tracker import ProgressTracker
 
 from swarm.compression import AVERAGING_CODECS, averaging_codec
 from swarm.errors import ConfigError
-from swarm.process import hivemind_sockets
+from swarm.process import removing_hivemind_sockets
 
 logger = logging.getLogger(__name__)
 
@@ -192,10 +192,9 @@ class _AveragingOptimizer(hivemind.Optimizer):
 
     def shutdown(self) -> None:
         averagers = [self.state_averager, getattr(self, "grad_averager", None)]
-        sockets = hivemind_sockets([averager.pid for averager in averagers if averager is not None and averager.pid])
-        super().shutdown()
-        for path in sockets:
-            path.unlink(missing_ok=True)
+        pids = [averager.pid for averager in averagers if averager is not None and averager.pid]
+        with removing_hivemind_sockets(pids):
+            super().shutdown()
 
 
 def _hivemind_optimizer(
