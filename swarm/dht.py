@@ -23,6 +23,7 @@ import contextlib
 import os
 import signal
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import hivemind
@@ -30,10 +31,12 @@ import torch
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
 from swarm.errors import ConfigError
+from swarm.process import hivemind_socket_files, remove_stale_hivemind_sockets
 from swarm.signed_records import ServerRecordValidator
 from swarm.swarm_key import SwarmKey, SwarmKeyAuthorizer
 
 _OWNER_SIGNALS = (signal.SIGINT,)
+FAILED_START_EXIT_SECONDS = 5.0  # after a failed start, the longest wait for its process, then its p2pd, to end
 
 
 def start_dht(
@@ -51,19 +54,23 @@ def start_dht(
     validators = [ServerRecordValidator(signing_key)]
     authorizer = None if swarm_key is None else SwarmKeyAuthorizer(swarm_key)
     dht, failure = None, None
+    sockets_before = hivemind_socket_files()
     with _ctrl_c_held() as held:
         try:
             dht = hivemind.DHT(
                 initial_peers=list(initial_peers),
-                start=True,
+                start=False,
                 record_validators=validators,
                 authorizer=authorizer,
                 **kwargs,
             )
+            dht.run_in_background(await_ready=True)
         except (P2PDaemonError, RuntimeError) as e:
             failure = e
+    if failure is not None and dht is not None:
+        _end_failed_start(dht, sockets_before)
     if held:  # Ctrl-C came while the DHT started: stop it cleanly, then take the Ctrl-C as it came
-        if dht is not None:
+        if dht is not None and failure is None:
             dht.shutdown()
         signal.raise_signal(held[0])  # before any failure: Ctrl-C kills a p2pd that is starting
     if failure is not None:
@@ -73,6 +80,17 @@ def start_dht(
         raise error from failure
     assert dht is not None
     return dht
+
+
+def _end_failed_start(dht: hivemind.DHT, sockets_before: set[Path]) -> None:
+    """End the process of a DHT whose start failed, and its p2pd, and remove the socket file that p2pd leaves.
+
+    The process may live on after the failure, its event loop still running (seen under pytest), and its p2pd with
+    it: in a program that retries, each failed join would leave both. Once the process has ended, its p2pd dies
+    without removing its socket file."""
+    dht.terminate()
+    dht.join(FAILED_START_EXIT_SECONDS)
+    remove_stale_hivemind_sockets(hivemind_socket_files() - sockets_before, FAILED_START_EXIT_SECONDS)
 
 
 def _join_error(error: Exception, initial_peers: Sequence[str], swarm_key: SwarmKey | None) -> Exception:

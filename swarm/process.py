@@ -21,7 +21,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -32,6 +32,7 @@ Stream = Literal["stdout", "stderr"]
 OUTPUT_TAIL_LINES = 40  # lines of output quoted in errors
 EXIT_DRAIN_SECONDS = 1.0  # after the process exits, how long its last lines may take to arrive
 HIVEMIND_SOCKET_PREFIX = "/tmp/hivemind-"  # hivemind's p2pd-*.sock and p2pclient-*.sock
+STALE_SOCKET_POLL_SECONDS = 0.05  # how often `remove_stale_hivemind_sockets` looks again at bound socket files
 
 
 class ProcessExitedError(RuntimeError):
@@ -264,15 +265,7 @@ def removing_hivemind_sockets(pids: Sequence[int]) -> Iterator[None]:
 def hivemind_sockets(pids: Sequence[int]) -> list[Path]:
     """The unix sockets under HIVEMIND_SOCKET_PREFIX that these processes hold open (hivemind names its daemon's
     and its clients' sockets so, in /tmp)."""
-    paths: dict[str, Path] = {}  # socket inode -> path
-    try:
-        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
-    except OSError:
-        return []
-    for line in lines:
-        fields = line.split()
-        if len(fields) >= 8 and fields[7].startswith(HIVEMIND_SOCKET_PREFIX):
-            paths[fields[6]] = Path(fields[7])
+    paths = _bound_hivemind_sockets()
     held = []
     for pid in pids:
         for link in _fd_links(pid):
@@ -280,6 +273,42 @@ def hivemind_sockets(pids: Sequence[int]) -> list[Path]:
             if link.startswith("socket:[") and inode in paths:
                 held.append(paths[inode])
     return held
+
+
+def hivemind_socket_files() -> set[Path]:
+    """Every socket file under HIVEMIND_SOCKET_PREFIX, whether a socket is still bound to it or not."""
+    prefix = Path(HIVEMIND_SOCKET_PREFIX)
+    return set(prefix.parent.glob(f"{prefix.name}*.sock"))
+
+
+def remove_stale_hivemind_sockets(paths: Iterable[Path], timeout: float) -> None:
+    """Remove those of these socket files that no socket is bound to, waiting up to `timeout` seconds for the
+    others to be let go by processes that are ending; a file still bound then is someone's, and stays."""
+    pending = set(paths)
+    deadline = time.monotonic() + timeout
+    while pending:
+        bound = set(_bound_hivemind_sockets().values())
+        for path in pending - bound:
+            path.unlink(missing_ok=True)
+        pending &= bound
+        if pending and time.monotonic() < deadline:
+            time.sleep(STALE_SOCKET_POLL_SECONDS)
+        else:
+            return
+
+
+def _bound_hivemind_sockets() -> dict[str, Path]:
+    """Socket inode -> the path under HIVEMIND_SOCKET_PREFIX it is bound to, for every such socket (/proc/net/unix)."""
+    try:
+        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return {}
+    paths = {}
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7].startswith(HIVEMIND_SOCKET_PREFIX):
+            paths[fields[6]] = Path(fields[7])
+    return paths
 
 
 def _fd_links(pid: int) -> list[str]:

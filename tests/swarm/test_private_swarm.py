@@ -1,10 +1,12 @@
 """A private swarm in real processes: members with the key generate as usual, their peers forwarding steps to each
-other with the swarm's token; a client without it (or with another key) cannot join the DHT, and a process that
-dials a peer directly is refused by every RPC, a push stream included."""
+other with the swarm's token; a client without it (or with another key) cannot join the DHT, and its refused start
+leaves no process or socket file behind; a process that dials a peer directly is refused by every RPC, a push stream
+included."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from pathlib import Path
 
@@ -21,7 +23,9 @@ from swarm.cli import build_parser
 from swarm.client._sync import run_sync
 from swarm.client.metrics import client_metrics
 from swarm.client.transport import call_forward, call_info
+from swarm.dht import start_shared_memory_manager
 from swarm.errors import ConfigError, InvalidRequest
+from swarm.process import descendants, hivemind_socket_files, read_process
 from swarm.protocol import RPC_PUSH, ErrorKind, ErrorReply, ForwardedStep, SpanRequest
 from swarm.swarm_key import KeyedP2P, SwarmKey
 from swarm.testing import LOOPBACK, LocalSwarm
@@ -67,6 +71,8 @@ def test_members_generate_as_in_an_open_swarm(model_dir, swarm_key, private_swar
 
 
 def test_outsiders_cannot_join_the_dht(model_dir, private_swarm, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    start_shared_memory_manager()  # this process's one manager, which the first start of a DHT starts otherwise
+    sockets_before, processes_before = hivemind_socket_files(), _our_processes_and_daemons()
     with pytest.raises(ConfigError, match="pass its --swarm-key"):
         AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=private_swarm.initial_peers)
     other_key = tmp_path / "other.key"
@@ -75,6 +81,20 @@ def test_outsiders_cannot_join_the_dht(model_dir, private_swarm, tmp_path) -> No
         AutoDistributedModelForCausalLM.from_pretrained(
             model_dir, initial_peers=private_swarm.initial_peers, swarm_key=other_key
         )
+    assert _our_processes_and_daemons() <= processes_before  # the refused clients' DHT processes and p2pd ended
+    assert hivemind_socket_files() - sockets_before == set()  # and left no socket file
+
+
+def _our_processes_and_daemons() -> set[tuple[int, int]]:
+    """(pid, start time) of every running process of this test's tree, and of every running p2pd on the machine (a
+    daemon whose parent ended lives on outside the tree)."""
+    processes = descendants(os.getpid())
+    processes += [
+        info
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and (info := read_process(int(entry.name))) is not None and info.name == "p2pd"
+    ]
+    return {(info.pid, info.start_ticks) for info in processes if info.is_running()}
 
 
 def test_a_peer_refuses_calls_without_the_swarms_token(private_swarm, swarm_key, tmp_path) -> None:  # type: ignore[no-untyped-def]
