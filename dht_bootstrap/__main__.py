@@ -33,7 +33,7 @@ from hivemind.dht import DHTNode
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarm.command_line import command_parser
-from swarm.dht import start_shared_memory_manager
+from swarm.dht import SwarmDHT, start_shared_memory_manager
 from swarm.errors import ConfigError
 from swarm.logs import setup_logging
 from swarm.signed_records import ServerRecordValidator
@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("Writing a new identity to %s", config.identity_path)
         config.identity_path.parent.mkdir(parents=True, exist_ok=True)
 
-    dht = hivemind.DHT(
+    dht = SwarmDHT(  # its shutdown leaves no socket file
         initial_peers=list(config.initial_peers) or None,
         host_maddrs=list(config.host_maddrs),
         announce_maddrs=list(config.announce_maddrs) or None,

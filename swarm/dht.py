@@ -1,5 +1,6 @@
-"""`start_dht`: a hivemind DHT that checks server records' signatures and whose forked process leaves Ctrl-C to
-its owner.
+"""`start_dht`: a hivemind DHT that checks server records' signatures, whose forked process leaves Ctrl-C to its
+owner, and which leaves no socket file in /tmp, whether its start fails or hivemind has to stop it the hard way
+(`SwarmDHT`).
 
 Ctrl-C in a terminal sends SIGINT to the whole process group. If the DHT process died with its owner, the owner
 could no longer announce itself offline on the way out; so the DHT process ignores SIGINT (hivemind's choice; we
@@ -31,12 +32,12 @@ import torch
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
 from swarm.errors import ConfigError
-from swarm.process import hivemind_socket_files, remove_stale_hivemind_sockets
+from swarm.process import descendants, hivemind_socket_files, hivemind_sockets, remove_stale_hivemind_sockets
 from swarm.signed_records import ServerRecordValidator
 from swarm.swarm_key import SwarmKey, SwarmKeyAuthorizer
 
 _OWNER_SIGNALS = (signal.SIGINT,)
-FAILED_START_EXIT_SECONDS = 5.0  # after a failed start, the longest wait for its process, then its p2pd, to end
+DAEMON_EXIT_SECONDS = 5.0  # the longest wait for an ending DHT process's p2pd to let go of its socket file
 
 
 def start_dht(
@@ -45,7 +46,7 @@ def start_dht(
     signing_key: bytes | None = None,
     swarm_key: SwarmKey | None = None,
     **kwargs: Any,
-) -> hivemind.DHT:
+) -> SwarmDHT:
     """A started DHT node that validates server records (swarm/signed_records.py); with `signing_key` (a peer's
     RSA identity key, DER) it signs its own. With `swarm_key` it talks only to members of that private swarm
     (swarm/swarm_key.py)."""
@@ -57,7 +58,7 @@ def start_dht(
     sockets_before = hivemind_socket_files()
     with _ctrl_c_held() as held:
         try:
-            dht = hivemind.DHT(
+            dht = SwarmDHT(
                 initial_peers=list(initial_peers),
                 start=False,
                 record_validators=validators,
@@ -82,15 +83,31 @@ def start_dht(
     return dht
 
 
-def _end_failed_start(dht: hivemind.DHT, sockets_before: set[Path]) -> None:
+class SwarmDHT(hivemind.DHT):
+    """hivemind's DHT, whose shutdown leaves no socket file in /tmp.
+
+    hivemind stops a DHT process that has not ended within its grace period (`shutdown_timeout`) with SIGTERM, and
+    its p2pd then dies without removing its socket file. A trainer's DHT process goes that way at random: at their
+    shutdown, hivemind's averager processes send it requests and end, and it cannot read those requests any more
+    (it fails to fetch the connection each carries from the process that has ended), then sleeps, missing its grace
+    period."""
+
+    def shutdown(self) -> None:
+        processes = [self.pid, *(info.pid for info in descendants(self.pid))] if self.is_alive() else []
+        sockets = hivemind_sockets(processes)  # the daemon's and the DHT process's, while they are open
+        super().shutdown()
+        remove_stale_hivemind_sockets(sockets, DAEMON_EXIT_SECONDS)
+
+
+def _end_failed_start(dht: SwarmDHT, sockets_before: set[Path]) -> None:
     """End the process of a DHT whose start failed, and its p2pd, and remove the socket file that p2pd leaves.
 
     The process may live on after the failure, its event loop still running (seen under pytest), and its p2pd with
     it: in a program that retries, each failed join would leave both. Once the process has ended, its p2pd dies
-    without removing its socket file."""
+    without removing its socket file. (The start failed: `SwarmDHT.shutdown` cannot talk to the process.)"""
     dht.terminate()
-    dht.join(FAILED_START_EXIT_SECONDS)
-    remove_stale_hivemind_sockets(hivemind_socket_files() - sockets_before, FAILED_START_EXIT_SECONDS)
+    dht.join(DAEMON_EXIT_SECONDS)
+    remove_stale_hivemind_sockets(hivemind_socket_files() - sockets_before, DAEMON_EXIT_SECONDS)
 
 
 def _join_error(error: Exception, initial_peers: Sequence[str], swarm_key: SwarmKey | None) -> Exception:

@@ -9,6 +9,7 @@ import hivemind
 import pytest
 import torch
 
+from swarm.dht import start_dht
 from swarm.process import hivemind_sockets
 from swarm.testing import LOOPBACK
 from swarm.training.averaging import (
@@ -135,7 +136,7 @@ def test_downloaded_parameters_become_the_next_start() -> None:
 
 @pytest.fixture
 def dht() -> Iterator[hivemind.DHT]:
-    dht = hivemind.DHT(start=True, host_maddrs=[LOOPBACK])
+    dht = start_dht([], host_maddrs=[LOOPBACK])  # as a trainer's: its shutdown leaves no socket file (SwarmDHT)
     try:
         yield dht
     finally:
