@@ -96,6 +96,8 @@ class SwarmDHT(hivemind.DHT):
         processes = [self.pid, *(info.pid for info in descendants(self.pid))] if self.is_alive() else []
         sockets = hivemind_sockets(processes)  # the daemon's and the DHT process's, while they are open
         super().shutdown()
+        # not `removing_hivemind_sockets`: after a hard stop the p2pd outlives the DHT process for a moment, and
+        # waiting until it has let go of its socket also waits until it has ended
         remove_stale_hivemind_sockets(sockets, DAEMON_EXIT_SECONDS)
 
 
