@@ -8,15 +8,17 @@ evenly), so the figures measure this implementation's overhead, not a network. I
 `--repeats` runs (the local, forwarded and unforwarded generations taken in turns, one run of each per round):
 
   * decode tokens/s of greedy generation through the swarm and locally (`transformers` generate), and the ratio;
-    and through the swarm with forwarding between peers off (`ClientConfig.forward_steps`);
+    where the swarm stores wide weights column-major (a CPU in float32, swarm/models/weight_layout.py), also
+    locally with that layout, the swarm's own cost apart from the faster layout; and through the swarm with
+    forwarding between peers off (`ClientConfig.forward_steps`);
   * time to first token (until the first new token reaches a streaming caller) through the swarm and locally,
     and the ratio;
   * aggregate decode tokens/s of `--clients` concurrent sessions, and its ratio to one session; and the same
     for sessions that skip the client's LM head (`headless_session`): on one machine the clients' heads share the
     cores with the peers, so this tells what the peers themselves serve; and how far the concurrent sessions
     shared passes, through the client's LM head and each loopback peer's decode forward passes;
-  * speculative decoding with `--draft MODEL` (greedy; the local model itself when not given): tokens/s and the
-    draft's acceptance rate;
+  * speculative decoding with `--draft MODEL` (greedy; the local model itself when not given, its wide weights
+    stored as the client stores its head's): tokens/s and the draft's acceptance rate;
   * the prefill of a `--long-prompt` prompt pipelined in chunks of `--prefill-chunk` tokens, against sent whole;
     and pipelined with forwarding between peers off;
   * for each wire compression (none, fp16, 8bit): decode tokens/s, the error of the prompt's logits against the
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -62,6 +65,7 @@ from swarm.client.speculative import speculative_generate
 from swarm.config import ClientConfig
 from swarm.demo import even_spans
 from swarm.models import ModelSource, resolve_dtype
+from swarm.models.weight_layout import store_wide_linears_column_major
 from swarm.protocol import WIRE_COMPRESSIONS
 from swarm.testing import LocalSwarm
 from swarm.token_time import TokenTime, local_token_time, scraped_histogram, swarm_token_time
@@ -145,6 +149,9 @@ class BenchResult:
     local_decode_tokens_per_s: float
     swarm_decode_tokens_per_s: float
     decode_ratio: float  # swarm / local
+    # the local model with its wide linear weights stored as the swarm's loaders store them on a CPU
+    # (swarm/models/weight_layout.py): the swarm's own cost, apart from the faster layout; None where none is so
+    local_column_major_decode_tokens_per_s: float | None
     unforwarded_decode_tokens_per_s: float  # the swarm's decode with each step sent to every span by the client
     forwarding_ratio: float  # swarm decode (peers forward steps to each other) / unforwarded
     unforwarded_ttft_s: float  # the swarm's time to first token likewise
@@ -180,6 +187,7 @@ class BenchResult:
         rows = [
             ("decode tokens/s", f"{self.local_decode_tokens_per_s:.1f}", f"{self.swarm_decode_tokens_per_s:.1f}",
              f"{self.decode_ratio:.2f}x"),
+            *self._column_major_local_rows(),
             ("  without forwarding between peers", "", f"{self.unforwarded_decode_tokens_per_s:.1f}",
              f"forwarding: {self.forwarding_ratio:.2f}x"),
             ("time to first token", f"{self.local_ttft_s * 1000:.0f} ms", f"{self.swarm_ttft_s * 1000:.0f} ms",
@@ -212,6 +220,13 @@ class BenchResult:
         title = f"{self.model} on {self.device} in {self.dtype} through {self.peers}, {self.new_tokens} new tokens"
         return "\n".join([f"{title}, medians", *lines])
 
+    def _column_major_local_rows(self) -> list[tuple[str, str, str, str]]:
+        column_major_local = self.local_column_major_decode_tokens_per_s
+        if column_major_local is None:
+            return []
+        return [("  local, wide weights column-major as the swarm's", f"{column_major_local:.1f}", "",
+                 f"swarm / it: {self.swarm_decode_tokens_per_s / column_major_local:.2f}x")]  # fmt: skip
+
     def _batching_note(self) -> str:
         batching = self.concurrent_batching
         note = f"client's LM head {batching.head_callers_per_pass:.1f}"
@@ -224,13 +239,16 @@ class BenchResult:
         floor = self.transport_floor
         if floor is None:
             return []
-        local_s = 1 / self.local_decode_tokens_per_s
+        # against the local model that computes as the swarm does, where the layouts differ
+        local_s = 1 / (self.local_column_major_decode_tokens_per_s or self.local_decode_tokens_per_s)
         added_s = 1 / self.swarm_decode_tokens_per_s - local_s
+        local = "its column-major local" if self.local_column_major_decode_tokens_per_s else "local"
         return [
             ("raw loopback round trip (p2pd alone)", "", f"{floor.round_trip_s * 1000:.2f} ms",
              f"a token's {floor.messages_per_token} messages: {floor.token_path_s * 1000:.2f} ms "
-             f"of the {added_s * 1000:.2f} ms the swarm adds"),
-            ("  decode ratio with that cost alone", "", "", f"{local_s / (local_s + floor.token_path_s):.2f}x"),
+             f"of the {added_s * 1000:.2f} ms the swarm adds to {local}"),
+            (f"  decode ratio to {local} with that cost alone", "", "",
+             f"{local_s / (local_s + floor.token_path_s):.2f}x"),
         ]  # fmt: skip
 
     def _token_time_rows(self) -> list[tuple[str, str, str, str]]:
@@ -275,9 +293,14 @@ def run_bench(options: BenchOptions, progress: Progress = lambda line: None) -> 
     dtype = resolve_dtype(options.dtype, options.device)
     progress(f"loading {options.model} locally on {options.device}")
     local = AutoModelForCausalLM.from_pretrained(options.model, dtype=dtype).to(options.device).eval()
-    draft = local
+    # the local model as the swarm computes it, for the like-for-like decode row; None where the layouts agree
+    column_major_local: PreTrainedModel | None = copy.deepcopy(local)
+    if not store_wide_linears_column_major(column_major_local):
+        column_major_local = None
+    draft = column_major_local or local  # on the client, the draft computes as the client's own head does
     if options.draft is not None:
         draft = AutoModelForCausalLM.from_pretrained(options.draft, dtype=dtype).to(options.device).eval()
+        store_wide_linears_column_major(draft)
     prompt = torch.randint(3, local.config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(options.device)
     swarm = None
@@ -310,7 +333,7 @@ def run_bench(options: BenchOptions, progress: Progress = lambda line: None) -> 
         )
         try:
             run_sync(model.swarm.wait_blocks_covered(START_TIMEOUT_SECONDS))
-            result = _measure(options, local, draft, model, prompt, swarm, progress)
+            result = _measure(options, local, column_major_local, draft, model, prompt, swarm, progress)
             result = dataclasses.replace(result, transport_floor=floor)
             if swarm is None:
                 return result
@@ -367,6 +390,7 @@ def _greedy(
 def _measure(
     options: BenchOptions,
     local: PreTrainedModel,
+    column_major_local: PreTrainedModel | None,
     draft: PreTrainedModel,
     model: DistributedModelForCausalLM,
     prompt: torch.Tensor,
@@ -381,15 +405,21 @@ def _measure(
         f"decode and first token: the local model, the swarm and the swarm without forwarding in turns, "
         f"{options.repeats} rounds of {options.new_tokens} tokens after a warm-up"
     )
-    local_timing, swarm_timing, unforwarded = time_generates(
-        [_greedy(local.generate, prompt), _greedy(model.generate, prompt), _greedy(unforwarded_generate, prompt)],
-        options.new_tokens,
-        options.repeats,
+    generators = [
+        _greedy(local.generate, prompt),
+        _greedy(model.generate, prompt),
+        _greedy(unforwarded_generate, prompt),
+    ]
+    if column_major_local is not None:
+        generators.append(_greedy(column_major_local.generate, prompt))
+    local_timing, swarm_timing, unforwarded, *column_major_timing = time_generates(
+        generators, options.new_tokens, options.repeats
     )
+    column_major_rate = column_major_timing[0].decode_tokens_per_s if column_major_timing else None
     local_ttft, local_rate = local_timing.ttft_s, local_timing.decode_tokens_per_s
     swarm_ttft, swarm_rate = swarm_timing.ttft_s, swarm_timing.decode_tokens_per_s
     expected = local_timing.output
-    equal = torch.equal(swarm_timing.output, expected) and torch.equal(unforwarded.output, expected)
+    equal = all(torch.equal(timing.output, expected) for timing in (swarm_timing, unforwarded, *column_major_timing))
 
     progress(f"{options.clients} concurrent sessions and one, with the client's LM heads and without")
     metrics_urls = [] if swarm is None else [swarm.metrics_url(peer) for peer in swarm.peers]
@@ -444,6 +474,7 @@ def _measure(
         local_decode_tokens_per_s=local_rate,
         swarm_decode_tokens_per_s=swarm_rate,
         decode_ratio=swarm_rate / local_rate,
+        local_column_major_decode_tokens_per_s=column_major_rate,
         unforwarded_decode_tokens_per_s=unforwarded.decode_tokens_per_s,
         forwarding_ratio=swarm_rate / unforwarded.decode_tokens_per_s,
         unforwarded_ttft_s=unforwarded.ttft_s,

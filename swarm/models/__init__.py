@@ -7,6 +7,7 @@
 * session_attention.py  per-session attention for a batch of decode steps, without gathering the caches
 * client_modules.py `ClientModules`: embeddings before block 0, final norm + LM head after the last block
 * loading.py        `ModelSource.open`, `load_block_slice`, `load_client_modules`: build them from a checkpoint
+* weight_layout.py  wide float32 linear weights stored column-major on a CPU, where decode steps read them faster
 * lora.py           LoRA target layers of a block; a peer's per-request check and application of an adapter
 """
 

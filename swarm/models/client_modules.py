@@ -11,8 +11,6 @@ from torch import nn
 from swarm.models.layout import ModelLayout
 from swarm.models.shared_pass import SharedPass
 
-HEAD_MIN_TRANSPOSED_VOCAB = 8192  # smaller heads compute several rows faster as a linear layer (_transposed_is_faster)
-
 
 class ClientModules(nn.Module):
     """Token embeddings (+ learned positions, + embedding norm) and final norm + LM head of one model."""
@@ -62,27 +60,4 @@ class ClientModules(nn.Module):
         return self._head_pass.calls, self._head_pass.passes
 
     def _head(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        normed = self.final_norm(hidden_states)
-        if _transposed_is_faster(self.lm_head, normed):
-            return (self.lm_head.weight @ normed.reshape(-1, normed.shape[-1]).T).T.reshape(*normed.shape[:-1], -1)
-        return self.lm_head(normed)
-
-
-def _transposed_is_faster(head: nn.Module, inputs: torch.Tensor) -> bool:
-    """Whether [vocab, hidden] @ inputs.T beats the linear layer's inputs @ [vocab, hidden].T: for 2 to 8 float32
-    rows on a CPU and a head of at least HEAD_MIN_TRANSPOSED_VOCAB outputs, torch's BLAS (MKL here) picks a slow
-    kernel for the latter. Measured on one thread, linear / transposed, with a 32000 x 512 head: 1 row 6.05 / 6.04
-    ms, 2 rows 12.6 / 7.4, 3 rows 18.9 / 9.3, 4 rows 12.4 / 6.8, 8 rows 14.3 / 11.7, 12 rows 15.8 / 22.1; with
-    151936 x 896, 4 rows 99.5 / 52.2 ms; with 4096 x 256, 8 rows 0.41 / 0.60 ms. Only without autograd and without
-    hooks on the head, which the product would bypass."""
-    rows = inputs.numel() // inputs.shape[-1]
-    return (
-        type(head) is nn.Linear
-        and head.bias is None
-        and head.out_features >= HEAD_MIN_TRANSPOSED_VOCAB
-        and not torch.is_grad_enabled()
-        and not (head._forward_hooks or head._forward_pre_hooks)
-        and inputs.device.type == "cpu"
-        and inputs.dtype == head.weight.dtype == torch.float32
-        and 1 < rows <= 8
-    )
+        return self.lm_head(self.final_norm(hidden_states))

@@ -22,6 +22,7 @@ from swarm.models.block_slice import BlockSlice, ZeroPositionEmbedding
 from swarm.models.checkpoint import Checkpoint
 from swarm.models.client_modules import ClientModules
 from swarm.models.layout import ModelLayout, build_on_meta, load_config, prepare_config, probe_layout, slice_config
+from swarm.models.weight_layout import store_wide_linears_column_major
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def load_block_slice(
             on_block_read(index)
     _materialize(base, state, device, init=base)
     base.requires_grad_(False)
+    store_wide_linears_column_major(base)
     return BlockSlice(base.eval(), layout, start, end)
 
 
@@ -135,6 +137,7 @@ def load_client_modules(
         if getattr(lm_head, "bias", None) is not None:
             nn.init.zeros_(lm_head.bias)
     holder.requires_grad_(False)
+    store_wide_linears_column_major(lm_head)
     return ClientModules(
         layout,
         embeddings=getattr(holder, layout.embedding_attr),

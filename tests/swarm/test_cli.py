@@ -141,6 +141,7 @@ def test_bench_reports_every_figure_with_tokens_equal_local(tmp_path: Path) -> N
     figures = (
         "swarm_decode_tokens_per_s", "swarm_ttft_s", "unforwarded_decode_tokens_per_s", "unforwarded_ttft_s",
         "concurrent_tokens_per_s", "headless_steps_per_s", "pipelined_prefill_s", "unforwarded_pipelined_prefill_s",
+        "local_column_major_decode_tokens_per_s",  # the tiny model's MLP and head are wide: the local model's twin
     )  # fmt: skip
     for figure in figures:
         assert result[figure] > 0, figure

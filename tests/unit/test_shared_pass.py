@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from swarm.models.client_modules import HEAD_MIN_TRANSPOSED_VOCAB, ClientModules, _transposed_is_faster
+from swarm.models.client_modules import ClientModules
 from swarm.models.shared_pass import SharedPass
+from swarm.models.weight_layout import is_column_major, store_wide_linears_column_major
 from tests.prometheus_tools import wait_for
 
 WAIT_S = 60.0  # longest any test waits for a thread: reached only when the code under test is broken
@@ -137,20 +138,23 @@ def test_a_caller_with_autograd_runs_alone_and_gets_gradients() -> None:
 
 
 def test_client_logits_of_concurrent_threads_equal_the_heads_own() -> None:
-    """Through `ClientModules.logits`; a pass of a few rows through a large head takes the transposed product."""
+    """Through `ClientModules.logits`, with the head stored column-major as a CPU client loads it; the expected
+    logits come from the row-major weight, as the checkpoint stores it."""
     torch.manual_seed(0)
-    vocab = HEAD_MIN_TRANSPOSED_VOCAB
+    vocab = 8192
     modules = ClientModules(
         layout=None,  # type: ignore[arg-type]  # logits need no layout
         embeddings=nn.Embedding(vocab, HIDDEN),
         final_norm=nn.LayerNorm(HIDDEN),
         lm_head=nn.Linear(HIDDEN, vocab, bias=False),
     ).eval()
+    row_major = modules.lm_head.weight.detach().clone()
+    assert store_wide_linears_column_major(modules) == 1
+    assert is_column_major(modules.lm_head.weight)
     inputs = [_inputs(seed, rows=1 + seed % 3) for seed in range(12)]
     few_rows = torch.cat([x.reshape(-1, HIDDEN) for x in inputs[:4]])  # 1 + 2 + 3 + 1 rows
     with torch.no_grad():
-        expected = [modules.lm_head(modules.final_norm(x)) for x in inputs]
-        assert _transposed_is_faster(modules.lm_head, few_rows)
+        expected = [nn.functional.linear(modules.final_norm(x), row_major) for x in inputs]
         together = modules._head(few_rows)
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(lambda x: _without_grad(modules.logits, x), inputs))
