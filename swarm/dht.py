@@ -30,6 +30,7 @@ from typing import Any
 import hivemind
 import torch
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.utils.mpfuture import MPFuture
 
 from swarm.errors import ConfigError
 from swarm.process import descendants, hivemind_socket_files, hivemind_sockets, remove_stale_hivemind_sockets
@@ -106,9 +107,14 @@ def _end_failed_start(dht: SwarmDHT, sockets_before: set[Path]) -> None:
 
     The process may live on after the failure, its event loop still running (seen under pytest), and its p2pd with
     it: in a program that retries, each failed join would leave both. Once the process has ended, its p2pd dies
-    without removing its socket file. (The start failed: `SwarmDHT.shutdown` cannot talk to the process.)"""
-    dht.terminate()
-    dht.join(DAEMON_EXIT_SECONDS)
+    without removing its socket file. (The start failed: `SwarmDHT.shutdown` cannot talk to the process.)
+
+    The process has just sent its failure under hivemind's `MPFuture._update_lock`, which every process forked from
+    this one shares, and may still hold it: killed there, it would leave it held for good, and every later DHT
+    start in this process would hang (seen in CI). Holding the lock while the process is stopped rules that out."""
+    with MPFuture._update_lock:
+        dht.terminate()
+        dht.join(DAEMON_EXIT_SECONDS)
     remove_stale_hivemind_sockets(hivemind_socket_files() - sockets_before, DAEMON_EXIT_SECONDS)
 
 
