@@ -9,7 +9,9 @@ with MKL, one thread, one row, the weight out of the caches (as it is when a ste
 against 2.3 ms. The other shapes gain nothing or lose: 512 x 512 and 2048 x 2048 0.87x to 1.01x, the MLP's
 512 x 1376 down projection 1.22x to 1.37x, 2048 x 5632 1.03x; so only weights at least COLUMN_MAJOR_MIN_WIDENING
 times as wide as they are long are stored so. Outputs are those of the row-major weight up to float rounding
-(bit for bit here from 4 rows on).
+(bit for bit here from 4 rows on). A head tied to the input embeddings makes their table column-major too, and
+looking tokens up there is slower: a 2048-token prompt in a 32000 x 512 table 23.5 against 1.5 ms, once a prompt,
+where each decode step saves 3.5 ms.
 """
 
 from __future__ import annotations
