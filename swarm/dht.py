@@ -101,20 +101,24 @@ class SwarmDHT(hivemind.DHT):
         # waiting until it has let go of its socket also waits until it has ended
         remove_stale_hivemind_sockets(sockets, DAEMON_EXIT_SECONDS)
 
+    def terminate(self) -> None:
+        """Stop the process with SIGTERM (after a failed start, and hivemind's own stop the hard way), while this
+        process holds hivemind's `MPFuture._update_lock`, and wait for it to end. Every process forked from this one
+        shares that lock, and a DHT process takes it to send any result, a failed start's included: killed while
+        holding it, it would leave it held for good, and every later DHT start here would hang (seen in CI, after
+        refused starts)."""
+        with MPFuture._update_lock:
+            super().terminate()
+            self.join(DAEMON_EXIT_SECONDS)
+
 
 def _end_failed_start(dht: SwarmDHT, sockets_before: set[Path]) -> None:
     """End the process of a DHT whose start failed, and its p2pd, and remove the socket file that p2pd leaves.
 
     The process may live on after the failure, its event loop still running (seen under pytest), and its p2pd with
     it: in a program that retries, each failed join would leave both. Once the process has ended, its p2pd dies
-    without removing its socket file. (The start failed: `SwarmDHT.shutdown` cannot talk to the process.)
-
-    The process has just sent its failure under hivemind's `MPFuture._update_lock`, which every process forked from
-    this one shares, and may still hold it: killed there, it would leave it held for good, and every later DHT
-    start in this process would hang (seen in CI). Holding the lock while the process is stopped rules that out."""
-    with MPFuture._update_lock:
-        dht.terminate()
-        dht.join(DAEMON_EXIT_SECONDS)
+    without removing its socket file. (The start failed: `SwarmDHT.shutdown` cannot talk to the process.)"""
+    dht.terminate()
     remove_stale_hivemind_sockets(hivemind_socket_files() - sockets_before, DAEMON_EXIT_SECONDS)
 
 

@@ -10,7 +10,7 @@ from multiprocessing.synchronize import Event as EventType
 
 from hivemind.utils.mpfuture import MPFuture
 
-from swarm.dht import _end_failed_start, start_dht
+from swarm.dht import SwarmDHT, _end_failed_start, start_dht
 from swarm.process import descendants, hivemind_socket_files
 from swarm.testing import LOOPBACK
 
@@ -30,28 +30,36 @@ def test_a_dht_stopped_the_hard_way_leaves_no_socket_file() -> None:
     assert dht.exitcode is not None and not any(info.is_running() for info in processes)
 
 
-def test_stopping_a_failed_start_never_leaves_hiveminds_update_lock_held() -> None:
-    """A DHT process whose start failed has just sent its failure under `MPFuture._update_lock`, which every process
-    forked from this one shares. Stopped while it still holds the lock, it would leave the lock held for good and
-    every later DHT start in this process would hang. Here a forked process takes the lock, says so, and lets it go
-    a moment later, as such a process does; `_end_failed_start` then stops it, and the lock must be free."""
-    context = multiprocessing.get_context("fork")
-    holding = context.Event()
-    process = context.Process(target=_hold_the_update_lock_then_idle, args=(holding, 0.5), daemon=True)
-    process.start()
+def test_stopping_a_dht_process_never_leaves_hiveminds_update_lock_held() -> None:
+    """A DHT process takes `MPFuture._update_lock`, which every process forked from this one shares, to send any
+    result: a failed start sends its failure so, just before it is stopped. Stopped while it still holds the lock, it
+    would leave it held for good and every later DHT start in this process would hang. Here a DHT process takes the
+    lock, says so, and lets it go a moment later; `_end_failed_start` then stops it (`SwarmDHT.terminate`, which
+    hivemind's stop the hard way calls too), and the lock must be free."""
+    holding = multiprocessing.get_context("fork").Event()
+    dht = _LockHoldingDHT(holding, held_s=0.5)
+    dht.start()
     try:
         assert holding.wait(10)
-        _end_failed_start(process, hivemind_socket_files())  # type: ignore[arg-type]  # what it uses of a DHT
-        assert process.exitcode == -signal.SIGTERM
+        _end_failed_start(dht, hivemind_socket_files())
+        assert dht.exitcode == -signal.SIGTERM
         assert MPFuture._update_lock.acquire(timeout=5)
         MPFuture._update_lock.release()
     finally:
-        process.kill()
-        process.join(5)
+        dht.kill()
+        dht.join(5)
 
 
-def _hold_the_update_lock_then_idle(holding: EventType, held_s: float) -> None:
-    with MPFuture._update_lock:
-        holding.set()
-        time.sleep(held_s)
-    time.sleep(60)  # a failed DHT process lives on until it is stopped
+class _LockHoldingDHT(SwarmDHT):
+    """A DHT whose process holds the update lock for `held_s` seconds, as one that sends its result does, then
+    idles as a failed start's process does until it is stopped."""
+
+    def __init__(self, holding: EventType, held_s: float) -> None:
+        super().__init__(start=False)
+        self.holding, self.held_s = holding, held_s
+
+    def run(self) -> None:
+        with MPFuture._update_lock:
+            self.holding.set()
+            time.sleep(self.held_s)
+        time.sleep(60)
