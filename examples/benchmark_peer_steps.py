@@ -40,6 +40,16 @@ def prefilled(block_slice: BlockSlice, cache: DynamicCache, length: int) -> Dyna
     return cache
 
 
+def load_benchmark_slice(model: Path | None, blocks: str) -> BlockSlice:
+    """Blocks `blocks` ("START:END") of `model`, or of a seeded random 58M Llama when none is given."""
+    with tempfile.TemporaryDirectory() as scratch:
+        if model is None:
+            model = Path(scratch) / "llama-58m"
+            save_random_llama(model, "58m")
+        start, end = (int(part) for part in blocks.split(":"))
+        return load_block_slice(ModelSource.open(model), start, end)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", type=Path)
@@ -48,13 +58,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as scratch:
-        model = args.model or Path(scratch) / "llama-58m"
-        if args.model is None:
-            save_random_llama(model, "58m")
-        start, end = (int(part) for part in args.blocks.split(":"))
-        block_slice = load_block_slice(ModelSource.open(model), start, end)
-    print(f"blocks {start}:{end}, {args.threads} thread(s); medians of 30 steps")
+    block_slice = load_benchmark_slice(args.model, args.blocks)
+    print(f"blocks {block_slice.start}:{block_slice.end}, {args.threads} thread(s); medians of 30 steps")
     with torch.inference_mode():
         for length in CACHE_LENGTHS:
             growing = prefilled(block_slice, block_slice.new_cache(max_length=4096), length)

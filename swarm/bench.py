@@ -5,7 +5,9 @@
 
 Without `--initial-peers` it starts a loopback swarm (a bootstrap node and `--peers` peers splitting the blocks
 evenly), so the figures measure this implementation's overhead, not a network. It reports, as medians over
-`--repeats` runs (the local, forwarded and unforwarded generations taken in turns, one run of each per round):
+`--repeats` runs, the runs of the figures that a ratio compares taken in turns (one run of each per round: the
+local, forwarded and unforwarded generations; the concurrent sessions and the single ones; the whole, pipelined and
+unforwarded pipelined prefills), so that a machine whose speed drifts meanwhile moves both sides of a ratio:
 
   * decode tokens/s of greedy generation through the swarm and locally (`transformers` generate), and the ratio;
     where the swarm stores wide weights column-major (a CPU in float32, swarm/models/weight_layout.py), also
@@ -118,27 +120,44 @@ class ConcurrentBatching:
     peer_sessions_per_pass: tuple[float, ...]  # each loopback peer's sessions per decode forward pass, in order
 
 
-@dataclass(frozen=True, slots=True)
-class _BatchingTotals:
-    head_calls: int
-    head_passes: int
-    peer_batches: tuple[tuple[float, float], ...]  # each peer's (sessions, decode passes) so far
+class _BatchingMeter:
+    """Sums how far concurrent sessions shared passes over the runs it counts (`counting`): through the client's
+    LM head, and each loopback peer's decode forward passes (read from its metrics)."""
 
-    def since(self, earlier: _BatchingTotals) -> ConcurrentBatching:
-        peers = tuple(
-            (sessions - sessions_before) / max(passes - passes_before, 1)
-            for (sessions, passes), (sessions_before, passes_before) in zip(
-                self.peer_batches, earlier.peer_batches, strict=True
-            )
+    def __init__(self, model: DistributedModelForCausalLM, metrics_urls: Sequence[str]):
+        self._model = model
+        self._metrics_urls = metrics_urls
+        self._head = [0, 0]  # calls, passes
+        self._peers = [[0.0, 0.0] for _ in metrics_urls]  # each peer's sessions, decode passes
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[None]:
+        before = self._totals()
+        yield
+        after = self._totals()
+        for counted, now, then in zip([self._head, *self._peers], after, before, strict=True):
+            counted[0] += now[0] - then[0]
+            counted[1] += now[1] - then[1]
+
+    def result(self) -> ConcurrentBatching:
+        return ConcurrentBatching(
+            self._head[0] / max(self._head[1], 1),
+            tuple(sessions / max(passes, 1) for sessions, passes in self._peers),
         )
-        calls, passes = self.head_calls - earlier.head_calls, self.head_passes - earlier.head_passes
-        return ConcurrentBatching(calls / max(passes, 1), peers)
+
+    def _totals(self) -> list[tuple[float, float]]:
+        peers = [scraped_histogram(url, DECODE_BATCH_SESSIONS) for url in self._metrics_urls]
+        return [self._model.client_modules.head_pass_counts(), *peers]
 
 
-def _batching_totals(model: DistributedModelForCausalLM, metrics_urls: Sequence[str]) -> _BatchingTotals:
-    calls, passes = model.client_modules.head_pass_counts()
-    peers = tuple(scraped_histogram(url, DECODE_BATCH_SESSIONS) for url in metrics_urls)
-    return _BatchingTotals(calls, passes, peers)
+def _medians_in_turns(measures: Sequence[Callable[[], float]], repeats: int) -> list[float]:
+    """The median of `repeats` results of each measure, taken one of each per round: on a machine whose speed
+    drifts over minutes (a shared VM), every measure then sees the same drift, and their ratios hold."""
+    results: list[list[float]] = [[] for _ in measures]
+    for _ in range(repeats):
+        for result, measure in zip(results, measures, strict=True):
+            result.append(measure())
+    return [statistics.median(result) for result in results]
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +299,8 @@ class TransportFloor:
 
 
 Progress = Callable[[str], None]  # told what the bench measures next, one line at a time
+# one session's run through the swarm, given the model, the prompt and how many tokens to make
+SessionRunner = Callable[[DistributedModelForCausalLM, torch.Tensor, int], Awaitable[object]]
 
 
 def stderr_progress() -> Progress:
@@ -421,24 +442,21 @@ def _measure(
     expected = local_timing.output
     equal = all(torch.equal(timing.output, expected) for timing in (swarm_timing, unforwarded, *column_major_timing))
 
-    progress(f"{options.clients} concurrent sessions and one, with the client's LM heads and without")
-    metrics_urls = [] if swarm is None else [swarm.metrics_url(peer) for peer in swarm.peers]
-    before = _batching_totals(model, metrics_urls)
-    concurrent = statistics.median(
-        _concurrent_tokens_per_second(model, prompt, options.new_tokens, options.clients)
-        for _ in range(options.repeats)
+    progress(f"{options.clients} concurrent sessions and one, with the client's LM heads and without, in turns")
+    meter = _BatchingMeter(model, [] if swarm is None else [swarm.metrics_url(peer) for peer in swarm.peers])
+
+    def sessions(clients: int, session: SessionRunner = greedy_session) -> Callable[[], float]:
+        return lambda: _concurrent_tokens_per_second(model, prompt, options.new_tokens, clients, session)
+
+    def counted_sessions() -> float:
+        with meter.counting():
+            return sessions(options.clients)()
+
+    concurrent, single, headless, headless_single = _medians_in_turns(
+        [counted_sessions, sessions(1), sessions(options.clients, headless_session), sessions(1, headless_session)],
+        options.repeats,
     )
-    batching = _batching_totals(model, metrics_urls).since(before)
-    single = statistics.median(
-        _concurrent_tokens_per_second(model, prompt, options.new_tokens, 1) for _ in range(options.repeats)
-    )
-    headless, headless_single = (
-        statistics.median(
-            _concurrent_tokens_per_second(model, prompt, options.new_tokens, clients, headless_session)
-            for _ in range(options.repeats)
-        )
-        for clients in (options.clients, 1)
-    )
+    batching = meter.result()
     progress(f"speculative decoding, {options.draft_tokens} drafted tokens a round")
     speculative_seconds, acceptance, speculative_equal = [], 0.0, True
     for _ in range(options.repeats):
@@ -453,11 +471,22 @@ def _measure(
     long_prompt = torch.randint(
         3, local.config.vocab_size, (1, options.long_prompt), generator=torch.Generator().manual_seed(1)
     ).to(options.device)
-    progress(f"prefill of {options.long_prompt} tokens: whole, and pipelined in chunks of {options.prefill_chunk}")
-    whole = _prefill_seconds(model, long_prompt, 0, options.repeats)
-    pipelined = _prefill_seconds(model, long_prompt, options.prefill_chunk, options.repeats)
-    with _client_config(model, forward_steps=False):
-        unforwarded_pipelined = _prefill_seconds(model, long_prompt, options.prefill_chunk, options.repeats)
+    progress(
+        f"prefill of {options.long_prompt} tokens: whole, and pipelined in chunks of {options.prefill_chunk}, in turns"
+    )
+
+    def unforwarded_prefill() -> float:
+        with _client_config(model, forward_steps=False):
+            return _prefill_seconds(model, long_prompt, options.prefill_chunk)
+
+    prefills = [
+        lambda: _prefill_seconds(model, long_prompt, 0),
+        lambda: _prefill_seconds(model, long_prompt, options.prefill_chunk),
+        unforwarded_prefill,
+    ]
+    for prefill in prefills:  # warm-ups
+        prefill()
+    whole, pipelined, unforwarded_pipelined = _medians_in_turns(prefills, options.repeats)
     plain_rate = options.new_tokens / swarm_timing.total_s  # whole calls, as the speculative ones are timed
     with torch.no_grad():
         local_logits = local(prompt).logits
@@ -594,15 +623,10 @@ def time_generates(
 
 
 def _concurrent_tokens_per_second(
-    model: DistributedModelForCausalLM,
-    prompt: torch.Tensor,
-    new_tokens: int,
-    clients: int,
-    session: Callable[[DistributedModelForCausalLM, torch.Tensor, int], Awaitable[object]] | None = None,
+    model: DistributedModelForCausalLM, prompt: torch.Tensor, new_tokens: int, clients: int, session: SessionRunner
 ) -> float:
-    """Tokens/s of `clients` greedy sessions (or other `session`s) decoding side by side (prompt included in the
+    """Tokens/s of `clients` `session`s (greedy ones, or headless) decoding side by side (prompt included in the
     time)."""
-    session = session or greedy_session
 
     async def all_sessions() -> float:
         began = time.perf_counter()
@@ -661,9 +685,9 @@ async def greedy_session(
         await session.close()
 
 
-def _prefill_seconds(model: DistributedModelForCausalLM, prompt: torch.Tensor, chunk: int, repeats: int) -> float:
-    """Median seconds of a session's first step over `prompt`, chunked by `chunk` tokens (0: whole), after the
-    session's streams are open (a one-token step opens them first)."""
+def _prefill_seconds(model: DistributedModelForCausalLM, prompt: torch.Tensor, chunk: int) -> float:
+    """Seconds of a session's first step over `prompt`, chunked by `chunk` tokens (0: whole), after the session's
+    streams are open (a one-token step opens them first)."""
 
     async def once() -> float:
         session = InferenceSession(model.swarm, prompt.shape[1] + 1, prefill_chunk_tokens=chunk)
@@ -677,8 +701,7 @@ def _prefill_seconds(model: DistributedModelForCausalLM, prompt: torch.Tensor, c
         finally:
             await session.close()
 
-    run_sync(once())  # warm-up
-    return statistics.median(run_sync(once()) for _ in range(repeats))
+    return run_sync(once())
 
 
 def _wire_result(
